@@ -1,0 +1,1 @@
+"""Data-Free Neural Architecture Search in JAX/Flax."""

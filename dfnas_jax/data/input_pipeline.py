@@ -1,0 +1,226 @@
+"""tf.data input pipelines for TFDS image-classification datasets.
+
+Real datasets (`cifar10`, `imagenet2012`, an offline copy such as `cifar10_jpeg`)
+and the synthetic datasets written by the synthesis stage are read the same way.
+
+Batches are dicts of numpy arrays shaped `[local_devices, per_device_batch, ...]`
+for `jax.pmap`: `image` (float32 in [0, 1]), `label` (int32), `logits` (float32,
+synthetic data only) and, for evaluation, `mask` (1 for real examples, 0 for
+padding). Training order and augmentation are a pure function of (seed, step), so
+a resumed run sees exactly the batches an uninterrupted run would have seen.
+"""
+import dataclasses
+import math
+import os
+from typing import Dict, Iterator, Optional
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+Batch = Dict[str, np.ndarray]
+AUGMENTATIONS = ('cifar', 'imagenet', 'none')
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+  """A TFDS dataset split, resolved and validated once."""
+  builder: tfds.core.DatasetBuilder
+  split: str
+  num_examples: int   # in the whole split, over all hosts
+  num_classes: int
+
+  @property
+  def has_logits(self) -> bool:
+    return 'logits' in self.builder.info.features
+
+
+def get_builder(name: str, data_dir: Optional[str] = None,
+                download: bool = True) -> tfds.core.DatasetBuilder:
+  """Builder for a registered TFDS name, a dataset under `data_dir`, or a directory.
+
+  `name` may be a path to a dataset directory (e.g. a synthetic dataset), a name
+  known to TFDS (downloaded and prepared on first use when `download`), or a
+  dataset already prepared under `data_dir` that this TFDS does not know.
+  """
+  if os.path.isdir(name):
+    return tfds.builder_from_directory(name)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise ValueError(f'Dataset {name!r} is neither a registered TFDS dataset nor '
+                     f'prepared under data_dir={data_dir!r}.') from e
+  if not builder.is_prepared():
+    if not download:
+      raise ValueError(f'Dataset {name!r} is not prepared under data_dir={data_dir!r} '
+                       'and download is disabled.')
+    builder.download_and_prepare()
+  return builder
+
+
+def get_source(name: str, split: str, data_dir: Optional[str] = None,
+               download: bool = True) -> DataSource:
+  builder = get_builder(name, data_dir, download)
+  features = builder.info.features
+  if 'image' not in features or 'label' not in features:
+    raise ValueError(f'Dataset {name!r} must have `image` and `label` features; '
+                     f'it has {sorted(features)}.')
+  try:
+    num_examples = builder.info.splits[split].num_examples
+  except (KeyError, ValueError) as e:
+    raise ValueError(f'Split {split!r} does not exist in dataset {name!r}; '
+                     f'splits: {sorted(builder.info.splits)}.') from e
+  if num_examples == 0:
+    raise ValueError(f'Split {split!r} of dataset {name!r} is empty.')
+  return DataSource(builder, split, num_examples, features['label'].num_classes)
+
+
+def host_batch_size(global_batch_size: int) -> int:
+  """Examples per host per step; checks divisibility over hosts and devices."""
+  devices = jax.device_count()
+  if global_batch_size % devices:
+    raise ValueError(f'batch_size={global_batch_size} must be divisible by the number '
+                     f'of devices ({devices}).')
+  return global_batch_size // jax.process_count()
+
+
+def steps_per_epoch(source: DataSource, global_batch_size: int) -> int:
+  per_host = source.num_examples // jax.process_count()
+  steps = per_host // host_batch_size(global_batch_size)
+  if steps == 0:
+    raise ValueError(f'Split {source.split!r} has {source.num_examples} examples, fewer '
+                     f'than one batch of {global_batch_size}.')
+  return steps
+
+
+def _host_split(source: DataSource, drop_remainder: bool) -> str:
+  return tfds.even_splits(source.split, n=jax.process_count(),
+                          drop_remainder=drop_remainder)[jax.process_index()]
+
+
+def _decode(example):
+  image = example['image']
+  if image.dtype == tf.string:  # Stored encoded; decoded after shuffling and skipping.
+    image = tf.io.decode_image(image, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _resize(image, size):
+  return tf.image.resize(image, (size, size), method='bilinear', antialias=True)
+
+
+def preprocess_train(image, size: int, augment: str, seed):
+  """Random augmentation from a stateless seed; returns float32 in [0, 1]."""
+  seeds = tf.random.experimental.stateless_split(seed, 3)
+  image = tf.image.convert_image_dtype(image, tf.float32)
+  if augment == 'cifar':  # Zero-pad by 1/8 and random-crop back, as in ResNet on CIFAR.
+    image = _resize(image, size) if image.shape[0] != size else image
+    pad = size // 8
+    image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+    image = tf.image.stateless_random_crop(image, (size, size, 3), seed=seeds[0])
+  elif augment == 'imagenet':  # Random-resized crop, scale (0.08, 1), ratio (3/4, 4/3).
+    begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), tf.zeros([0, 0, 4]), seed=seeds[0],
+        min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
+    image = _resize(tf.slice(image, begin, crop), size)
+  elif augment == 'none':
+    return tf.clip_by_value(_resize(image, size), 0.0, 1.0)
+  else:
+    raise ValueError(f'augment must be one of {AUGMENTATIONS}, got {augment!r}')
+  image = tf.image.stateless_random_flip_left_right(image, seed=seeds[1])
+  return tf.clip_by_value(image, 0.0, 1.0)
+
+
+def preprocess_eval(image, size: int, augment: str):
+  """Deterministic: resize (CIFAR-style) or 87.5% centre crop + resize (ImageNet-style)."""
+  image = tf.image.convert_image_dtype(image, tf.float32)
+  if augment == 'imagenet':
+    image = tf.image.central_crop(image, 0.875)
+  return tf.clip_by_value(_resize(image, size), 0.0, 1.0)
+
+
+def _features(example, image):
+  out = {'image': image, 'label': tf.cast(example['label'], tf.int32)}
+  if 'logits' in example:
+    out['logits'] = tf.cast(example['logits'], tf.float32)
+  return out
+
+
+def _to_devices(batch: Batch) -> Batch:
+  """[host_batch, ...] -> [local_devices, per_device_batch, ...]."""
+  n = jax.local_device_count()
+  return {k: v.reshape((n, v.shape[0] // n) + v.shape[1:]) for k, v in batch.items()}
+
+
+def train_batches(source: DataSource, global_batch_size: int, image_size: int,
+                  augment: str, seed: int, start_step: int = 0,
+                  shuffle_buffer: int = 50_000) -> Iterator[Batch]:
+  """Endless, reproducible training batches starting at `start_step`.
+
+  Each epoch's order comes from (seed, epoch) and each example's augmentation
+  from (seed, position in the stream), so restarting at step k skips the first k
+  batches without decoding them and yields the same batches as before.
+  """
+  batch = host_batch_size(global_batch_size)
+  steps = steps_per_epoch(source, global_batch_size)
+  split = _host_split(source, drop_remainder=True)
+  epoch, skip = divmod(start_step, steps)
+  base_seed = seed * 1_000 + jax.process_index()
+  while True:
+    epoch_seed = int(np.random.SeedSequence([base_seed, epoch]).generate_state(1)[0] >> 1)
+    ds = source.builder.as_dataset(
+        split=split, shuffle_files=True,
+        read_config=tfds.ReadConfig(shuffle_seed=epoch_seed),
+        decoders={'image': tfds.decode.SkipDecoding()})
+    ds = ds.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+    ds = ds.take(steps * batch).skip(skip * batch)
+    first = (epoch * steps + skip) * batch
+
+    def prepare(index, example):
+      image = preprocess_train(_decode(example), image_size, augment,
+                               tf.stack([tf.cast(base_seed, tf.int64), index]))
+      return _features(example, image)
+
+    ds = tf.data.Dataset.zip((tf.data.Dataset.range(first, first + (steps - skip) * batch), ds))
+    ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    for host_batch in ds.as_numpy_iterator():
+      yield _to_devices(host_batch)
+    epoch, skip = epoch + 1, 0
+
+
+def num_eval_batches(source: DataSource, global_batch_size: int) -> int:
+  """Same on every host (pmap collectives need it): the largest host's share."""
+  largest_share = math.ceil(source.num_examples / jax.process_count())
+  return math.ceil(largest_share / host_batch_size(global_batch_size))
+
+
+def eval_batches(source: DataSource, global_batch_size: int, image_size: int,
+                 augment: str) -> Iterator[Batch]:
+  """One pass over the split; the last batches are padded and carry `mask` = 0."""
+  batch = host_batch_size(global_batch_size)
+  ds = source.builder.as_dataset(split=_host_split(source, drop_remainder=False),
+                                 shuffle_files=False,
+                                 decoders={'image': tfds.decode.SkipDecoding()})
+  ds = ds.map(lambda ex: _features(ex, preprocess_eval(_decode(ex), image_size, augment)),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE)
+  template = None
+  count = 0
+  for host_batch in ds.as_numpy_iterator():
+    template = host_batch
+    yield _to_devices(_pad(host_batch, batch))
+    count += 1
+  for _ in range(num_eval_batches(source, global_batch_size) - count):
+    yield _to_devices(_pad({k: v[:0] for k, v in template.items()}, batch))
+
+
+def _pad(host_batch: Batch, size: int) -> Batch:
+  n = len(host_batch['label'])
+  out = {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)])
+         for k, v in host_batch.items()}
+  out['mask'] = (np.arange(size) < n).astype(np.float32)
+  return out

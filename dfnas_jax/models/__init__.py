@@ -1,0 +1,30 @@
+"""Architectures by name: `build_model('cifar_resnet20', num_classes=10)`."""
+from functools import partial
+from typing import Any, Callable, Dict
+
+import jax.numpy as jnp
+
+from dfnas_jax.models import resnet
+
+# name -> factory(num_classes, **overrides) -> flax Module taking images in [0, 1].
+_CIFAR = dict(block=resnet.BasicBlock, widths=(16, 32, 64), stem='cifar',
+              mean=resnet.CIFAR10_MEAN, std=resnet.CIFAR10_STD)
+_IMAGENET = dict(widths=(64, 128, 256, 512), stem='imagenet',
+                 mean=resnet.IMAGENET_MEAN, std=resnet.IMAGENET_STD)
+
+ARCHITECTURES: Dict[str, Callable[..., Any]] = {
+    'cifar_resnet8': partial(resnet.ResNet, stage_sizes=(1, 1, 1), **_CIFAR),  # tests, smoke runs
+    'cifar_resnet20': partial(resnet.ResNet, stage_sizes=(3, 3, 3), **_CIFAR),
+    'cifar_resnet32': partial(resnet.ResNet, stage_sizes=(5, 5, 5), **_CIFAR),
+    'cifar_resnet56': partial(resnet.ResNet, stage_sizes=(9, 9, 9), **_CIFAR),
+    'resnet18': partial(resnet.ResNet, block=resnet.BasicBlock, stage_sizes=(2, 2, 2, 2), **_IMAGENET),
+    'resnet34': partial(resnet.ResNet, block=resnet.BasicBlock, stage_sizes=(3, 4, 6, 3), **_IMAGENET),
+    'resnet50': partial(resnet.ResNet, block=resnet.Bottleneck, stage_sizes=(3, 4, 6, 3), **_IMAGENET),
+}
+
+
+def build_model(name: str, num_classes: int, dtype: Any = jnp.float32, **overrides):
+  """Returns the flax Module for architecture `name`."""
+  if name not in ARCHITECTURES:
+    raise ValueError(f'Unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}')
+  return ARCHITECTURES[name](num_classes=num_classes, dtype=dtype, **overrides)

@@ -1,0 +1,13 @@
+"""config.stage -> the module whose `run(config, workdir)` carries it out."""
+import importlib
+
+STAGES = {
+    'teacher': 'dfnas_jax.teachers.train',
+    'evaluate': 'dfnas_jax.evaluation.evaluate',
+}
+
+
+def run(config, workdir: str):
+  if config.stage not in STAGES:
+    raise ValueError(f'Unknown stage {config.stage!r}; known stages: {sorted(STAGES)}')
+  return importlib.import_module(STAGES[config.stage]).run(config, workdir)

@@ -1,0 +1,34 @@
+"""Stage `teacher`: train a zoo classifier on a real TFDS dataset (hard labels)."""
+import os
+
+import jax
+import ml_collections
+
+from dfnas_jax import teachers
+from dfnas_jax import workdir as wd
+from dfnas_jax.data import input_pipeline as ip
+from dfnas_jax.train import trainer
+
+
+def run(config: ml_collections.ConfigDict, workdir: str):
+  train_source = ip.get_source(config.dataset, config.train_split, config.data_dir, config.download)
+  eval_source = (ip.get_source(config.dataset, config.eval_split, config.data_dir, config.download)
+                 if config.eval_split else None)
+  spec = teachers.Teacher(config.name, config.architecture, train_source.num_classes,
+                          config.image_size, weights=None,
+                          description=f'{config.architecture} trained on {config.dataset} '
+                                      f'{config.train_split} by the teacher stage')
+  result = trainer.fit(config, workdir, spec.module(), train_source, eval_source)
+  state = result['state']
+  if jax.process_index() == 0:
+    teachers.save_trained(os.path.join(workdir, 'model'), spec,
+                          {'params': state.params, 'batch_stats': state.batch_stats})
+  summary = {
+      'stage': 'teacher', 'name': config.name, 'architecture': config.architecture,
+      'dataset': config.dataset, 'train_split': config.train_split,
+      'eval_split': config.eval_split, 'num_train_steps': result['num_train_steps'],
+      'eval_accuracy': result['eval'].get('accuracy'), 'eval_loss': result['eval'].get('loss'),
+      'model_dir': os.path.join(workdir, 'model'), 'wall_time_s': result['wall_time_s'],
+  }
+  wd.write_summary(workdir, summary)
+  return summary

@@ -1,0 +1,107 @@
+"""The supervised/distillation training loop shared by the teacher and retrain stages."""
+import os
+import time
+from typing import Any, Dict, Optional
+
+import flax.jax_utils
+import flax.linen as nn
+import jax
+import ml_collections
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from dfnas_jax import workdir as wd
+from dfnas_jax.data import input_pipeline as ip
+from dfnas_jax.train import checkpointing
+from dfnas_jax.train import state as state_lib
+from dfnas_jax.train import steps
+
+
+def evaluate(variables, source: ip.DataSource, batch_size: int, image_size: int,
+             augment: str, apply_fn=None, p_eval_step=None) -> Dict[str, float]:
+  """Loss and accuracy of replicated `variables` over a whole split (padding masked out)."""
+  p_eval_step = p_eval_step or steps.pmap_eval_step(apply_fn)
+  total = None
+  for batch in ip.eval_batches(source, batch_size, image_size, augment):
+    m = flax.jax_utils.unreplicate(p_eval_step(variables, batch))
+    total = m if total is None else total.merge(m)
+  return {k: float(v) for k, v in total.compute().items()}
+
+
+def make_writer(workdir: str):
+  return metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0, asynchronous=False)
+
+
+def total_train_steps(config, steps_per_epoch: int) -> int:
+  if config.num_train_steps > 0:
+    return config.num_train_steps
+  return int(config.num_epochs * steps_per_epoch)
+
+
+def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
+        train_source: ip.DataSource, eval_source: Optional[ip.DataSource]) -> Dict[str, Any]:
+  """Trains `model` from scratch (or resumes from `workdir/checkpoints`); returns results.
+
+  Uses config: seed, batch_size, num_epochs | num_train_steps, learning_rate,
+  warmup_epochs, lr_schedule, momentum, nesterov, weight_decay, loss,
+  label_smoothing, temperature, image_size, augment, log_every_steps,
+  eval_every_steps, checkpoint_every_steps, keep_checkpoints.
+  """
+  start_time = time.time()
+  steps_per_epoch = ip.steps_per_epoch(train_source, config.batch_size)
+  num_steps = total_train_steps(config, steps_per_epoch)
+  lr_fn = state_lib.learning_rate_schedule(
+      config.learning_rate, num_steps, int(config.warmup_epochs * steps_per_epoch),
+      config.lr_schedule)
+  tx = state_lib.sgd(lr_fn, config.momentum, config.weight_decay, config.nesterov)
+  state = state_lib.create_train_state(model, jax.random.PRNGKey(config.seed),
+                                       config.image_size, tx)
+  mngr = checkpointing.manager(os.path.join(workdir, 'checkpoints'),
+                               config.keep_checkpoints, config.checkpoint_every_steps)
+  state = checkpointing.restore_latest(mngr, state) or state
+  start_step = int(state.step)
+  if start_step:
+    logging.info('Resuming from step %d of %d.', start_step, num_steps)
+
+  writer = make_writer(workdir)
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                           every_secs=30)
+  p_train_step = steps.pmap_train_step(
+      learning_rate_fn=lr_fn, loss=config.loss, label_smoothing=config.label_smoothing,
+      temperature=config.temperature)
+  p_eval_step = steps.pmap_eval_step(model.apply)
+  batches = flax.jax_utils.prefetch_to_device(
+      ip.train_batches(train_source, config.batch_size, config.image_size, config.augment,
+                       config.seed, start_step=start_step), 2)
+
+  rstate = flax.jax_utils.replicate(state)
+  train_metrics, eval_results = None, {}
+  for step in range(start_step + 1, num_steps + 1):
+    with jax.profiler.StepTraceAnnotation('train', step_num=step):
+      rstate, m = p_train_step(rstate, next(batches))
+    m = flax.jax_utils.unreplicate(m)
+    train_metrics = m if train_metrics is None else train_metrics.merge(m)
+    report(step)
+    last = step == num_steps
+    if step % config.log_every_steps == 0 or last:
+      writer.write_scalars(step, {f'train_{k}': v for k, v in train_metrics.compute().items()})
+      train_metrics = None
+    if eval_source is not None and (step % config.eval_every_steps == 0 or last):
+      with report.timed('eval'):
+        eval_results = evaluate(rstate.variables, eval_source, config.batch_size,
+                                config.image_size, config.augment, p_eval_step=p_eval_step)
+      writer.write_scalars(step, {f'eval_{k}': v for k, v in eval_results.items()})
+    if step % config.checkpoint_every_steps == 0 or last:
+      with report.timed('checkpoint'):
+        checkpointing.save(mngr, step, jax.device_get(flax.jax_utils.unreplicate(rstate)),
+                           force=last)
+  mngr.wait_until_finished()
+  writer.flush()
+
+  final = jax.device_get(flax.jax_utils.unreplicate(rstate))
+  if eval_source is not None and not eval_results:  # Resumed after the last step.
+    eval_results = evaluate(rstate.variables, eval_source, config.batch_size,
+                            config.image_size, config.augment, p_eval_step=p_eval_step)
+  return {'state': final, 'num_train_steps': num_steps, 'steps_per_epoch': steps_per_epoch,
+          'eval': eval_results, 'wall_time_s': time.time() - start_time}

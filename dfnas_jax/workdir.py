@@ -1,0 +1,50 @@
+"""Files a stage leaves in its work directory, written atomically (temp + rename)."""
+import json
+import os
+from typing import Any, Dict
+
+import flax.serialization
+import jax
+import numpy as np
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def write_json(path: str, obj: Any) -> None:
+  atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + '\n').encode())
+
+
+def _jsonable(x):
+  if isinstance(x, (np.generic, jax.Array)):
+    return np.asarray(x).tolist()
+  raise TypeError(f'{type(x).__name__} is not JSON serializable')
+
+
+def write_summary(workdir: str, summary: Dict[str, Any]) -> str:
+  """Writes the stage's headline results to `workdir/summary.json` (the stage contract)."""
+  if jax.process_index() != 0:
+    return os.path.join(workdir, 'summary.json')
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'summary.json')
+  write_json(path, summary)
+  return path
+
+
+def save_variables(path: str, variables: Dict[str, Any]) -> None:
+  """Model variables ({'params', 'batch_stats'}) as msgpack."""
+  atomic_write_bytes(path, flax.serialization.msgpack_serialize(jax.device_get(variables)))
+
+
+def load_variables(path: str) -> Dict[str, Any]:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'Model variables file not found: {path}')
+  with open(path, 'rb') as f:
+    try:
+      return flax.serialization.msgpack_restore(f.read())
+    except Exception as e:  # msgpack raises several unrelated types on garbage.
+      raise ValueError(f'{path} is not a msgpack file of model variables ({e}).') from e

@@ -1,0 +1,36 @@
+"""Shared fixtures. Real-data tests read the offline CIFAR-10 copy (TFDS `cifar10_jpeg`).
+
+Its location: $DFNAS_TEST_DATA_DIR, else ../shared/data/tfds next to the repository.
+The package itself never needs it.
+"""
+import os
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _data_dir():
+  return os.environ.get('DFNAS_TEST_DATA_DIR', str(REPO.parent / 'shared' / 'data' / 'tfds'))
+
+
+@pytest.fixture(scope='session')
+def data_dir():
+  path = _data_dir()
+  if not os.path.isdir(os.path.join(path, 'cifar10_jpeg')):
+    pytest.skip(f'offline cifar10_jpeg not found under {path} (set DFNAS_TEST_DATA_DIR)')
+  return path
+
+
+@pytest.fixture
+def train_config(data_dir):
+  """The teacher stage's smoke config on a tiny ResNet (seconds on 2 CPU cores)."""
+  from configs import teacher
+  config = teacher.get_config('smoke')
+  config.architecture = 'cifar_resnet8'
+  config.dataset = 'cifar10_jpeg'
+  config.data_dir = data_dir
+  config.download = False
+  config.image_size = 16
+  return config

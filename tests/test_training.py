@@ -1,0 +1,132 @@
+import os
+import subprocess
+import sys
+import textwrap
+
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dfnas_jax import models
+from dfnas_jax.data import input_pipeline as ip
+from dfnas_jax.train import checkpointing, state as state_lib, steps, trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Preempted(Exception):
+  pass
+
+
+def _sources(config):
+  return (ip.get_source(config.dataset, config.train_split, config.data_dir, False), None)
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+  lr = state_lib.learning_rate_schedule(0.4, 100, 10)
+  assert float(lr(0)) == 0.0
+  assert float(lr(10)) == pytest.approx(0.4)
+  assert float(lr(55)) == pytest.approx(0.2, rel=1e-3)
+  assert float(lr(100)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_weight_decay_only_on_kernels():
+  params = {'conv': {'kernel': jnp.ones((3, 3, 2, 2))}, 'bn': {'scale': jnp.ones(2)}}
+  tx = state_lib.sgd(lambda _: 0.1, momentum=0.0, weight_decay=0.5, nesterov=False)
+  zero = jax.tree_util.tree_map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero, tx.init(params), params)
+  assert float(updates['conv']['kernel'][0, 0, 0, 0]) == pytest.approx(-0.05)
+  assert float(updates['bn']['scale'][0]) == 0.0
+
+
+def test_train_step_fits_a_batch(data_dir):
+  source = ip.get_source('cifar10_jpeg', 'train[:32]', data_dir, download=False)
+  batch = next(ip.train_batches(source, 32, 16, 'none', seed=0))
+  model = models.build_model('cifar_resnet8', 10)
+  lr = state_lib.learning_rate_schedule(0.05, 1000, 1)
+  state = flax.jax_utils.replicate(state_lib.create_train_state(
+      model, jax.random.PRNGKey(0), 16, state_lib.sgd(lr, 0.9, 0.0)))
+  p_step = steps.pmap_train_step(learning_rate_fn=lr)
+  losses = []
+  for _ in range(25):
+    state, m = p_step(state, batch)
+    losses.append(float(flax.jax_utils.unreplicate(m).compute()['loss']))
+  assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_resume_after_crash_equals_uninterrupted_run(train_config, tmp_path, monkeypatch):
+  config = train_config
+  config.num_train_steps = 8
+  config.checkpoint_every_steps = 1
+  train_source, _ = _sources(config)
+  model = models.build_model(config.architecture, 10)
+  full = trainer.fit(config, str(tmp_path / 'full'), model, train_source, None)
+
+  real_batches = ip.train_batches
+  start_steps = []
+
+  def crashing_batches(*args, **kwargs):
+    start_steps.append(kwargs['start_step'])
+    for i, batch in enumerate(real_batches(*args, **kwargs)):
+      if i == 6:
+        raise Preempted()
+      yield batch
+
+  monkeypatch.setattr(ip, 'train_batches', crashing_batches)
+  with pytest.raises(Preempted):
+    trainer.fit(config, str(tmp_path / 'crash'), model, train_source, None)
+
+  monkeypatch.setattr(ip, 'train_batches', lambda *a, **k: (start_steps.append(k['start_step']),
+                                                              real_batches(*a, **k))[1])
+  resumed = trainer.fit(config, str(tmp_path / 'crash'), model, train_source, None)
+  assert start_steps[0] == 0 and 0 < start_steps[1] < 8  # Continued from a saved step.
+  assert int(resumed['state'].step) == int(full['state'].step) == 8
+  jax.tree_util.tree_map(np.testing.assert_array_equal, resumed['state'].params,
+                         full['state'].params)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, resumed['state'].batch_stats,
+                         full['state'].batch_stats)
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(train_config, tmp_path):
+  config = train_config
+  config.num_train_steps = 2
+  train_source, _ = _sources(config)
+  trainer.fit(config, str(tmp_path), models.build_model('cifar_resnet8', 10), train_source, None)
+  with pytest.raises(ValueError, match='does not match this run'):
+    trainer.fit(config, str(tmp_path), models.build_model('cifar_resnet20', 10), train_source, None)
+
+
+def test_two_devices_match_one_device():
+  """pmean-ed gradients and cross-replica BatchNorm: 2 devices x 8 == 1 device x 16."""
+  script = textwrap.dedent('''
+      import functools, jax, numpy as np, flax.jax_utils
+      from dfnas_jax import models
+      from dfnas_jax.train import state as state_lib, steps
+      assert jax.local_device_count() == 2
+      model = models.build_model('cifar_resnet8', 10)
+      lr = lambda step: 0.1
+      state = state_lib.create_train_state(model, jax.random.PRNGKey(0), 8,
+                                           state_lib.sgd(lr, 0.9, 5e-4))
+      rng = np.random.default_rng(0)
+      batch = {'image': rng.random((16, 8, 8, 3), dtype=np.float32),
+               'label': rng.integers(0, 10, 16).astype(np.int32)}
+      step = functools.partial(steps.train_step, learning_rate_fn=lr)
+      results = []
+      for n in (1, 2):
+        p_step = jax.pmap(step, axis_name='batch', devices=jax.local_devices()[:n])
+        sharded = {k: v.reshape((n, 16 // n) + v.shape[1:]) for k, v in batch.items()}
+        rstate = jax.device_put_replicated(state, jax.local_devices()[:n])
+        for _ in range(2):
+          rstate, m = p_step(rstate, sharded)
+        results.append(jax.device_get(flax.jax_utils.unreplicate(rstate)))
+      for a, b in zip(jax.tree_util.tree_leaves(results[0]), jax.tree_util.tree_leaves(results[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+      print('OK')
+  ''')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and 'OK' in out.stdout, out.stderr[-3000:]
