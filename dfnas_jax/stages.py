@@ -4,6 +4,7 @@ import importlib
 STAGES = {
     'teacher': 'dfnas_jax.teachers.train',
     'evaluate': 'dfnas_jax.evaluation.evaluate',
+    'synthesize': 'dfnas_jax.synthesis.synthesize',
 }
 
 

@@ -117,7 +117,7 @@ def test_two_devices_match_one_device():
       for n in (1, 2):
         p_step = jax.pmap(step, axis_name='batch', devices=jax.local_devices()[:n])
         sharded = {k: v.reshape((n, 16 // n) + v.shape[1:]) for k, v in batch.items()}
-        rstate = jax.device_put_replicated(state, jax.local_devices()[:n])
+        rstate = flax.jax_utils.replicate(state, jax.local_devices()[:n])
         for _ in range(2):
           rstate, m = p_step(rstate, sharded)
         results.append(jax.device_get(flax.jax_utils.unreplicate(rstate)))

@@ -22,6 +22,10 @@ MODEL_JSON = 'model.json'
 VARIABLES = 'variables.msgpack'
 
 
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
+                   'ship', 'truck')
+
+
 @dataclasses.dataclass(frozen=True)
 class Teacher:
   name: str
@@ -30,6 +34,7 @@ class Teacher:
   image_size: int
   weights: Optional[str]  # file in WEIGHTS_DIR; None: the user supplies a checkpoint
   description: str = ''
+  class_names: Optional[Tuple[str, ...]] = None
 
   def module(self, dtype: Any = jnp.float32, **overrides) -> nn.Module:
     return models.build_model(self.architecture, self.num_classes, dtype=dtype, **overrides)
@@ -37,7 +42,8 @@ class Teacher:
 
 TEACHERS: Dict[str, Teacher] = {t.name: t for t in [
     Teacher('cifar10_resnet20', 'cifar_resnet20', 10, 32, 'cifar10_resnet20.msgpack',
-            'CIFAR-10 ResNet-20 trained by configs/teacher.py; see weights/cifar10_resnet20.md'),
+            'CIFAR-10 ResNet-20 trained by configs/teacher.py; see weights/cifar10_resnet20.md',
+            CIFAR10_CLASSES),
     Teacher('resnet18', 'resnet18', 1000, 224, None, 'torchvision ResNet-18, ImageNet'),
     Teacher('resnet34', 'resnet34', 1000, 224, None, 'torchvision ResNet-34, ImageNet'),
     Teacher('resnet50', 'resnet50', 1000, 224, None, 'torchvision ResNet-50, ImageNet'),
@@ -72,7 +78,9 @@ def load(name: str, checkpoint: Optional[str] = None,
       raise FileNotFoundError(f'{name} is a directory but has no {MODEL_JSON}; expected a '
                               'directory written by the teacher or retrain stage.')
     with open(spec_path) as f:
-      spec = Teacher(**json.load(f))
+      fields = json.load(f)
+    fields['class_names'] = fields.get('class_names') and tuple(fields['class_names'])
+    spec = Teacher(**fields)
     weights_path = os.path.join(name, spec.weights)
   else:
     spec = get(name)

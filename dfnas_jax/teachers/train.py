@@ -17,7 +17,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   spec = teachers.Teacher(config.name, config.architecture, train_source.num_classes,
                           config.image_size, weights=None,
                           description=f'{config.architecture} trained on {config.dataset} '
-                                      f'{config.train_split} by the teacher stage')
+                                      f'{config.train_split} by the teacher stage',
+                          class_names=tuple(train_source.builder.info.features['label'].names))
   result = trainer.fit(config, workdir, spec.module(), train_source, eval_source)
   state = result['state']
   if jax.process_index() == 0:

@@ -1,0 +1,1 @@
+"""Teacher inversion: synthetic images + soft labels from a pretrained classifier."""

@@ -1,0 +1,228 @@
+"""The pmap-ed inversion update: noise canvases optimized against a frozen teacher.
+
+Each device holds its own shard of canvases (per-device batch) and runs whole
+chunks of steps as one `lax.fori_loop` dispatch with donated buffers; the host
+only looks at the loss terms between chunks. Randomness (initial noise, window
+offsets, flips) comes from one PRNG key per image, so an image's fate does not
+depend on the device layout, the batch it sits in or the host.
+
+Canvases live in the teacher's normalized input space (as in the reference:
+N(0, 1) initialization, reference learning rates), clipped after every step to
+the normalized image of [0, 1].
+"""
+import dataclasses
+import functools
+from typing import Callable, Dict, Sequence, Tuple
+
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dfnas_jax.synthesis import losses
+
+AXIS = 'batch'
+LOSS_TERMS = ('main', 'bn', 'tv_l2', 'tv_l1', 'l2')
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Static settings of one synthesis run (hashable: part of the compiled step)."""
+  canvas: int                 # side of the optimized canvas, full resolution
+  window: int                 # side of the region the teacher sees, full resolution
+  regional_update: bool = True  # False: canvas == window, random roll by `jitter` instead
+  jitter: int = 0
+  flip: bool = True
+  lr: float = 0.25
+  beta1: float = 0.5
+  beta2: float = 0.9
+  eps: float = 1e-8
+  warmup_steps: int = 100
+  weights: Tuple[Tuple[str, float], ...] = (
+      ('main', 1.0), ('bn', 0.01), ('tv_l2', 1e-4), ('tv_l1', 0.0), ('l2', 1e-5))
+  first_bn_multiplier: float = 10.0
+
+  def __post_init__(self):
+    if self.regional_update and self.canvas < self.window:
+      raise ValueError(f'canvas ({self.canvas}) must be at least window ({self.window}).')
+    if not self.regional_update and self.canvas != self.window:
+      raise ValueError('Without regional update the canvas must equal the window '
+                       f'(got canvas={self.canvas}, window={self.window}).')
+    unknown = set(dict(self.weights)) - set(LOSS_TERMS)
+    if unknown:
+      raise ValueError(f'Unknown loss terms {sorted(unknown)}; known: {LOSS_TERMS}')
+
+
+def image_keys(seed: int, round_index: int, image_indices: np.ndarray) -> jax.Array:
+  """One PRNG key per image, from (seed, round, global image index)."""
+  base = jax.random.fold_in(jax.random.PRNGKey(seed), round_index)
+  return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(image_indices, jnp.uint32))
+
+
+def _pool(x, factor: int):
+  if factor == 1:
+    return x
+  b, h, w, c = x.shape
+  return x.reshape(b, h // factor, factor, w // factor, factor, c).mean((2, 4))
+
+
+def sample_views(keys, step, factor: int, s: Settings):
+  """Per-image window offsets (or jitter shifts) and flip flags for one step."""
+  def one(key):
+    key = jax.random.fold_in(jax.random.fold_in(key, factor), step)
+    k_off, k_flip = jax.random.split(key)
+    if s.regional_update:
+      offsets = jax.random.randint(k_off, (2,), 0, (s.canvas - s.window) // factor + 1)
+    else:
+      offsets = jax.random.randint(k_off, (2,), -(s.jitter // factor), s.jitter // factor + 1)
+    flip = jax.random.bernoulli(k_flip) if s.flip else jnp.array(False)
+    return offsets, flip
+  return jax.vmap(one)(keys)
+
+
+def view(canvas, offsets, flips, factor: int, s: Settings):
+  """What the teacher sees: the (pooled) canvas, cut to the window, flipped per image."""
+  x = _pool(canvas, factor)
+  size = s.window // factor
+  if s.regional_update:
+    cut = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (size, size, img.shape[-1]))
+  else:
+    cut = lambda img, o: jnp.roll(img, (o[0], o[1]), axis=(0, 1))
+  x = jax.vmap(cut)(x, offsets)
+  return jnp.where(flips[:, None, None, None], x[:, :, ::-1], x)
+
+
+def centre_window(canvas, s: Settings):
+  start = (s.canvas - s.window) // 2
+  return canvas[:, start:start + s.window, start:start + s.window]
+
+
+class Inverter:
+  """Synthesizes one device-sharded batch of canvases toward given target distributions."""
+
+  def __init__(self, apply_fn: Callable, variables, mean: Sequence[float],
+               std: Sequence[float], settings: Settings, stages: Sequence[Tuple[int, int]],
+               chunk_steps: int = 50):
+    for factor, _ in stages:
+      if settings.canvas % factor or settings.window % factor:
+        raise ValueError(f'canvas {settings.canvas} and window {settings.window} must be '
+                         f'divisible by the resolution factor {factor}.')
+    self.apply_fn = apply_fn
+    self.variables = flax.jax_utils.replicate(variables)
+    self.mean = jnp.asarray(mean, jnp.float32)
+    self.std = jnp.asarray(std, jnp.float32)
+    self.settings = settings
+    self.stages = tuple(stages)
+    self.chunk_steps = chunk_steps
+    self._compiled: Dict = {}
+
+  # --- per-device functions (run under pmap) ---
+
+  def loss_terms(self, canvas, targets, offsets, flips, variables, factor: int):
+    s = self.settings
+    x = view(canvas, offsets, flips, factor, s)
+    weights = dict(s.weights)
+    if weights.get('bn', 0.0):
+      logits, stats = losses.apply_with_bn_statistics(self.apply_fn, variables,
+                                                      x * self.std + self.mean)
+      bn = losses.bn_statistics_loss(stats, s.first_bn_multiplier)
+    else:
+      logits, bn = self.apply_fn(variables, x * self.std + self.mean, train=False), 0.0
+    tv_l1, tv_l2 = losses.total_variation(x)
+    terms = {'main': losses.soft_cross_entropy(logits, targets), 'bn': jnp.asarray(bn),
+             'tv_l2': tv_l2, 'tv_l1': tv_l1, 'l2': losses.image_l2(x)}
+    total = sum(weights.get(k, 0.0) * v for k, v in terms.items())
+    return total, terms
+
+  def optimizer(self, num_steps: int) -> optax.GradientTransformation:
+    s = self.settings
+    warmup = min(s.warmup_steps, max(num_steps - 1, 0))
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, s.lr, warmup),
+         optax.cosine_decay_schedule(s.lr, max(num_steps - warmup, 1))], [warmup])
+    return optax.adam(schedule, b1=s.beta1, b2=s.beta2, eps=s.eps)
+
+  def _run_chunk(self, canvas, opt_state, targets, keys, first_step, variables, *,
+                 factor, num_steps, stage_steps):
+    tx = self.optimizer(stage_steps)
+    lo, hi = -self.mean / self.std, (1.0 - self.mean) / self.std
+    grad_fn = jax.value_and_grad(self.loss_terms, has_aux=True)
+
+    def body(i, carry):
+      canvas, opt_state, _, bad_step, bad_terms = carry
+      offsets, flips = sample_views(keys, first_step + i, factor, self.settings)
+      (_, terms), grad = grad_fn(canvas, targets, offsets, flips, variables, factor)
+      updates, opt_state = tx.update(grad, opt_state, canvas)
+      canvas = jnp.clip(optax.apply_updates(canvas, updates), lo, hi)
+      # Keep the terms of the first non-finite step: later steps are all NaN.
+      first_bad = (bad_step < 0) & ~jnp.all(jnp.stack([jnp.isfinite(v) for v in terms.values()]))
+      bad_step = jnp.where(first_bad, first_step + i, bad_step)
+      bad_terms = jax.tree_util.tree_map(lambda new, old: jnp.where(first_bad, new, old),
+                                         terms, bad_terms)
+      return canvas, opt_state, terms, bad_step, bad_terms
+
+    zero_terms = {k: jnp.zeros((), jnp.float32) for k in LOSS_TERMS}
+    return jax.lax.fori_loop(0, num_steps, body,
+                             (canvas, opt_state, zero_terms, jnp.int32(-1), zero_terms))
+
+  def _final(self, canvas, variables):
+    """uint8 canvases and the teacher's logits on their centre windows."""
+    pixels = canvas * self.std + self.mean
+    logits = self.apply_fn(variables, centre_window(pixels, self.settings), train=False)
+    return jnp.round(jnp.clip(pixels, 0.0, 1.0) * 255).astype(jnp.uint8), logits
+
+  def _init(self, keys):
+    shape = (self.settings.canvas, self.settings.canvas, 3)
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0x5EED), shape))(keys)
+    return jnp.clip(noise, -self.mean / self.std, (1.0 - self.mean) / self.std)
+
+  # --- host side ---
+
+  def _pmapped(self, name, **static):
+    key = (name, tuple(sorted(static.items())))
+    if key not in self._compiled:
+      if name == 'chunk':
+        fn = jax.pmap(functools.partial(self._run_chunk, **static), axis_name=AXIS,
+                      in_axes=(0, 0, 0, 0, None, 0), donate_argnums=(0, 1))
+      elif name == 'init_opt':
+        fn = jax.pmap(self.optimizer(static['stage_steps']).init, axis_name=AXIS)
+      elif name == 'final':
+        fn = jax.pmap(self._final, axis_name=AXIS)
+      else:
+        fn = jax.pmap(self._init, axis_name=AXIS)
+      self._compiled[key] = fn
+    return self._compiled[key]
+
+  def synthesize(self, targets: np.ndarray, keys: jax.Array, on_chunk=None,
+                 name: str = 'batch'):
+    """Canvases for `targets` [devices, per_device, classes] with per-image `keys`.
+
+    `on_chunk(steps_done, terms)` is called between chunks with host floats of
+    the last step's loss terms (averaged over devices). A non-finite loss raises
+    FloatingPointError naming `name`, the step and the offending terms. Returns
+    (uint8 canvases, logits), both [devices, per_device, ...] numpy arrays.
+    """
+    canvas = self._pmapped('init')(keys)
+    targets = jnp.asarray(targets, jnp.float32)
+    done = 0
+    for factor, stage_steps in self.stages:
+      opt_state = self._pmapped('init_opt', stage_steps=stage_steps)(canvas)
+      for first in range(0, stage_steps, self.chunk_steps):
+        n = min(self.chunk_steps, stage_steps - first)
+        chunk = self._pmapped('chunk', factor=factor, num_steps=n, stage_steps=stage_steps)
+        canvas, opt_state, terms, bad_step, bad_terms = chunk(
+            canvas, opt_state, targets, keys, first, self.variables)
+        done += n
+        bad_step, bad_terms = jax.device_get((bad_step, bad_terms))
+        for device in np.flatnonzero(bad_step >= 0)[:1]:
+          values = {k: float(v[device]) for k, v in bad_terms.items()}
+          raise FloatingPointError(
+              f'Non-finite loss in {name} (device {device}) at step {bad_step[device]} of the '
+              f'{factor}x-downsampled stage: terms '
+              f'{sorted(k for k, v in values.items() if not np.isfinite(v))} are not finite '
+              f'({values}). Check the teacher weights or lower the learning rate.')
+        if on_chunk is not None:
+          on_chunk(done, {k: float(np.mean(v)) for k, v in jax.device_get(terms).items()})
+    images, logits = self._pmapped('final')(canvas, self.variables)
+    return np.asarray(images), np.asarray(logits)

@@ -1,0 +1,174 @@
+"""Stage `synthesize`: invert a teacher into a TFDS dataset of images and soft labels.
+
+Images are made in rounds (recursive label calibration). Round 0 aims at
+balanced hard classes; round r starts from fresh noise and aims image k at
+softmax of the logits the teacher gave image k of round r-1. The stored logits
+(the soft label) are the teacher's logits on the finished image's centre window,
+the view a student sees at evaluation time.
+
+Work is done and saved one batch at a time (one TFRecord shard per batch), so a
+killed run resumes at the first missing shard; with the same seed the dataset is
+identical to that of an uninterrupted run.
+"""
+import json
+import os
+import time
+
+import jax
+import ml_collections
+from jax.experimental import multihost_utils
+import numpy as np
+from absl import logging
+from clu import periodic_actions
+
+from dfnas_jax import plots, teachers
+from dfnas_jax import workdir as wd
+from dfnas_jax.synthesis import inversion
+from dfnas_jax.synthesis.writer import ShardWriter
+from dfnas_jax.train import trainer
+
+METHODS = ('inversion', 'gaussian_noise')
+
+
+def hard_targets(num_images: int, num_classes: int, seed: int) -> np.ndarray:
+  """Balanced classes: consecutive blocks of `num_classes` images are permutations."""
+  rng = np.random.default_rng(seed)
+  blocks = -(-num_images // num_classes)
+  return np.concatenate([rng.permutation(num_classes) for _ in range(blocks)])[:num_images]
+
+
+def inversion_settings(config) -> inversion.Settings:
+  canvas = config.canvas if config.regional_update else config.window
+  return inversion.Settings(
+      canvas=canvas, window=config.window, regional_update=config.regional_update,
+      jitter=config.jitter, flip=config.flip, lr=config.lr, beta1=config.beta1,
+      beta2=config.beta2, eps=config.eps, warmup_steps=config.warmup_steps,
+      weights=(('main', config.main_weight), ('bn', config.bn_weight),
+               ('tv_l2', config.tv_l2_weight), ('tv_l1', config.tv_l1_weight),
+               ('l2', config.l2_weight)),
+      first_bn_multiplier=config.first_bn_multiplier)
+
+
+def resolution_stages(config):
+  """[(downsampling factor, steps)]: low then full resolution, or full only."""
+  if config.method == 'gaussian_noise':
+    return []
+  if config.multi_resolution:
+    return [(config.low_res_factor, config.low_res_steps), (1, config.full_res_steps)]
+  return [(1, config.low_res_steps + config.full_res_steps)]
+
+
+def check_config(config, num_devices: int, num_processes: int):
+  if config.method not in METHODS:
+    raise ValueError(f'method must be one of {METHODS}, got {config.method!r}')
+  if config.batch_size % num_devices:
+    raise ValueError(f'batch_size={config.batch_size} must be divisible by the number of '
+                     f'devices ({num_devices}).')
+  if config.images_per_round % config.batch_size:
+    raise ValueError(f'images_per_round={config.images_per_round} must be a multiple of '
+                     f'batch_size={config.batch_size}.')
+  if (config.images_per_round // config.batch_size) % num_processes:
+    raise ValueError(f'The {config.images_per_round // config.batch_size} batches per round '
+                     f'must divide evenly over {num_processes} processes.')
+  if config.num_rounds < 1:
+    raise ValueError(f'num_rounds must be >= 1, got {config.num_rounds}')
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+  z = np.exp(logits - logits.max(-1, keepdims=True))
+  return z / z.sum(-1, keepdims=True)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str):
+  start_time = time.time()
+  module, variables, spec = teachers.load(config.teacher, config.teacher_checkpoint or None)
+  n_dev, n_proc = jax.local_device_count(), jax.process_count()
+  check_config(config, jax.device_count(), n_proc)
+  batch = config.batch_size // n_proc           # images per host per batch
+  batches_per_round = config.images_per_round // config.batch_size
+  num_shards = config.num_rounds * batches_per_round
+  settings = inversion_settings(config)
+  stages = resolution_stages(config)
+  steps_per_batch = sum(steps for _, steps in stages)
+  out_dir = config.output_dir or os.path.join(workdir, 'synthetic')
+  writer = ShardWriter(out_dir, num_shards, spec.num_classes, settings.canvas)
+  inverter = inversion.Inverter(module.apply, variables, module.mean, module.std, settings,
+                                stages, config.chunk_steps)
+  classes = hard_targets(config.images_per_round, spec.num_classes, config.seed)
+
+  # Each host owns whole batch columns (all rounds of batch b), so the round r-1
+  # logits that round r calibrates against are always its own.
+  mine = [r * batches_per_round + b for r in range(config.num_rounds)
+          for b in range(batches_per_round) if b % n_proc == jax.process_index()]
+  todo = [s for s in mine if not writer.exists(s)]
+  logging.info('Synthesis: %d of %d shards of %d images to do on this host (%d already done).',
+               len(todo), len(mine), config.batch_size, len(mine) - len(todo))
+  metric_writer = trainer.make_writer(workdir)
+  report = periodic_actions.ReportProgress(
+      num_train_steps=max(len(todo) * steps_per_batch, 1), writer=metric_writer, every_secs=30)
+
+  for done_shards, shard in enumerate(todo):
+    round_index, b = divmod(shard, batches_per_round)
+    first = b * config.batch_size + jax.process_index() * batch
+    indices = np.arange(first, first + batch)
+    if round_index > 0 and config.label_calibration:
+      targets = softmax(writer.read(shard - batches_per_round)['logits'])
+    else:
+      targets = np.eye(spec.num_classes, dtype=np.float32)[classes[indices]]
+    keys = inversion.image_keys(config.seed, round_index, indices)
+    offset = done_shards * steps_per_batch
+
+    def on_chunk(steps_done, terms, offset=offset):
+      report(offset + steps_done)
+      metric_writer.write_scalars(offset + steps_done, {f'loss_{k}': v for k, v in terms.items()})
+
+    images, logits = inverter.synthesize(targets.reshape(n_dev, -1, spec.num_classes),
+                                         keys.reshape(n_dev, -1, *keys.shape[1:]), on_chunk,
+                                         name=f'round {round_index}, batch {b}')
+    images, logits = images.reshape(batch, *images.shape[2:]), logits.reshape(batch, -1)
+    writer.write(shard, [
+        {'image': images[i], 'logits': logits[i], 'label': int(logits[i].argmax()),
+         'target_label': int(targets[i].argmax()), 'round': round_index}
+        for i in range(batch)])
+    logging.info('Synthesized round %d batch %d: %d/%d shards on this host.', round_index, b,
+                 len(mine) - len(todo) + done_shards + 1, len(mine))
+
+  if n_proc > 1:
+    multihost_utils.sync_global_devices('synthesis shards written')
+  if jax.process_index() != 0:
+    return None
+  missing = [s for s in range(num_shards) if not writer.exists(s)]
+  if missing:
+    raise RuntimeError(f'Shards {missing} of {out_dir} are missing after all hosts finished.')
+  writer.finalize(
+      description=f'Images synthesized from teacher {spec.name} by dfnas_jax.',
+      metadata={'teacher': spec.name, 'config': json.loads(config.to_json_best_effort())})
+  return _summarize(config, workdir, writer, spec, num_shards, time.time() - start_time)
+
+
+def _summarize(config, workdir, writer, spec, num_shards, wall_time):
+  records = [writer.read(s) for s in range(num_shards)]
+  logits = np.concatenate([r['logits'] for r in records])
+  target = np.concatenate([r['target_label'] for r in records])
+  probs = softmax(logits)
+  first = records[0]
+  names = spec.class_names or [str(i) for i in range(spec.num_classes)]
+  captions = []
+  for p in softmax(first['logits'][:config.preview_images]):
+    top = np.argsort(-p)[:2]
+    captions.append('\n'.join(f'{names[c]} {p[c]:.2f}' for c in top))
+  plots.image_grid(first['image'][:config.preview_images], captions,
+                   os.path.join(workdir, 'preview.png'))
+  summary = {
+      'stage': 'synthesize', 'teacher': spec.name, 'method': config.method,
+      'dataset_dir': writer.directory, 'num_images': int(len(logits)),
+      'num_rounds': config.num_rounds, 'image_size': int(first['image'].shape[1]),
+      'label_calibration': config.label_calibration, 'regional_update': config.regional_update,
+      'multi_resolution': config.multi_resolution,
+      'teacher_agrees_with_target': float(np.mean(logits.argmax(-1) == target)),
+      'mean_teacher_confidence': float(probs.max(-1).mean()),
+      'class_histogram': np.bincount(logits.argmax(-1), minlength=spec.num_classes).tolist(),
+      'wall_time_s': wall_time,
+  }
+  wd.write_summary(workdir, summary)
+  return summary

@@ -1,0 +1,227 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import synthesize as synthesize_config
+from dfnas_jax import teachers
+from dfnas_jax.synthesis import inversion, losses, synthesize
+from dfnas_jax.synthesis.writer import ShardWriter
+from dfnas_jax.train import state as state_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_teacher(directory, corrupt=False):
+  """A tiny random ResNet saved as a trained-model directory."""
+  spec = teachers.Teacher('tiny', 'cifar_resnet8', 10, 16, None)
+  variables = jax.device_get(state_lib.init_variables(spec.module(), jax.random.PRNGKey(0), 16))
+  if corrupt:
+    variables['params']['fc']['bias'] = np.full(10, np.nan, np.float32)
+  teachers.save_trained(str(directory), spec, variables)
+  return str(directory)
+
+
+@pytest.fixture(scope='module')
+def teacher_dir(tmp_path_factory, data_dir):
+  """A tiny ResNet trained for a few steps on real images: real BN statistics."""
+  from configs import teacher as teacher_config
+  from dfnas_jax.teachers import train
+  config = teacher_config.get_config('smoke')
+  config.architecture, config.image_size = 'cifar_resnet8', 16
+  config.dataset, config.data_dir, config.download = 'cifar10_jpeg', data_dir, False
+  config.train_split, config.eval_split = 'train[:1024]', ''
+  config.num_epochs, config.learning_rate = 1.0, 0.05
+  workdir = tmp_path_factory.mktemp('teacher')
+  return train.run(config, str(workdir))['model_dir']
+
+
+def smoke_config(teacher_dir, **overrides):
+  config = synthesize_config.get_config('smoke')
+  config.teacher = teacher_dir
+  config.canvas, config.window, config.jitter = 20, 16, 2
+  for k, v in overrides.items():
+    setattr(config, k, v)
+  return config
+
+
+def read_dataset(directory):
+  builder = tfds.builder_from_directory(directory)
+  return builder, list(tfds.as_numpy(builder.as_dataset(split='train', shuffle_files=False)))
+
+
+def test_inversion_loss_falls(teacher_dir):
+  module, variables, _ = teachers.load(teacher_dir)
+  settings = inversion.Settings(canvas=20, window=16, warmup_steps=2, lr=0.25)
+  inverter = inversion.Inverter(module.apply, variables, module.mean, module.std, settings,
+                                stages=[(1, 60)], chunk_steps=5)
+  n = jax.local_device_count()
+  targets = np.eye(10, dtype=np.float32)[np.arange(8) % 10].reshape(n, -1, 10)
+  keys = inversion.image_keys(0, 0, np.arange(8))
+  history = []
+  inverter.synthesize(targets, keys.reshape(n, -1, 2), lambda step, t: history.append(t))
+  total = [t['main'] + 0.01 * t['bn'] for t in history]
+  assert len(history) == 12
+  assert total[-1] < 0.6 * total[0], total
+
+
+def test_gradient_is_zero_outside_the_window(teacher_dir):
+  module, variables, _ = teachers.load(teacher_dir)
+  settings = inversion.Settings(canvas=24, window=16, flip=True)
+  inverter = inversion.Inverter(module.apply, variables, module.mean, module.std, settings,
+                                stages=[(1, 1)])
+  canvas = jax.random.normal(jax.random.PRNGKey(1), (2, 24, 24, 3))
+  targets = jnp.eye(10)[jnp.array([3, 7])]
+  offsets = jnp.array([[0, 5], [8, 2]])
+  flips = jnp.array([False, True])
+  for factor in (1, 2):
+    grad = jax.grad(lambda c: inverter.loss_terms(c, targets, offsets // factor, flips,
+                                                  variables, factor)[0])(canvas)
+    for i, (oy, ox) in enumerate(np.asarray(offsets // factor) * factor):
+      inside = np.zeros((24, 24), bool)
+      inside[oy:oy + 16, ox:ox + 16] = True
+      g = np.abs(np.asarray(grad[i])).sum(-1)
+      assert np.all(g[~inside] == 0.0)
+      assert np.count_nonzero(g[inside]) > 0.9 * inside.sum()
+
+
+def test_bn_statistics_are_captured_from_every_batchnorm(teacher_dir):
+  module, variables, _ = teachers.load(teacher_dir)
+  x = jax.random.uniform(jax.random.PRNGKey(0), (4, 16, 16, 3))
+  logits, stats = losses.apply_with_bn_statistics(module.apply, variables, x)
+  num_bn = sum(path.endswith('/mean')
+               for path in teachers.flatten_variables(variables['batch_stats']))
+  assert len(stats) == num_bn == 9  # stem + 3 blocks x 2 + 2 downsample BNs
+  np.testing.assert_allclose(logits, module.apply(variables, x, train=False), rtol=1e-6)
+  mean, var, running_mean, running_var = stats[0]
+  normalized = (x - jnp.asarray(module.mean)) / jnp.asarray(module.std)
+  first_conv = variables['params']['conv1']['kernel']
+  y = jax.lax.conv_general_dilated(normalized, first_conv, (1, 1), ((1, 1), (1, 1)),
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(mean, y.mean((0, 1, 2)), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(var, y.var((0, 1, 2)), rtol=1e-4, atol=1e-5)
+  loss = losses.bn_statistics_loss(stats, 10.0)
+  first = jnp.linalg.norm(running_var - var) + jnp.linalg.norm(running_mean - mean)
+  assert float(loss) > 10 * float(first) * 0.999
+
+
+def test_dataset_round_trip_and_label_calibration(teacher_dir, tmp_path, monkeypatch):
+  seen_targets = {}
+  real = inversion.Inverter.synthesize
+
+  def recording(self, targets, keys, on_chunk=None):
+    seen_targets[len(seen_targets)] = np.asarray(targets).reshape(-1, targets.shape[-1])
+    return real(self, targets, keys, on_chunk)
+
+  monkeypatch.setattr(inversion.Inverter, 'synthesize', recording)
+  summary = synthesize.run(smoke_config(teacher_dir), str(tmp_path))
+  assert summary['num_images'] == 32
+  builder, records = read_dataset(summary['dataset_dir'])
+  assert builder.info.splits['train'].num_examples == 32 and len(records) == 32
+  assert builder.info.metadata['teacher'] == 'cifar10_resnet20'
+  assert builder.info.metadata['config']['canvas'] == 20
+  for r in records:
+    assert r['image'].shape == (20, 20, 3) and r['image'].dtype == np.uint8
+    assert r['logits'].shape == (10,) and r['label'] == r['logits'].argmax()
+  round0 = [r for r in records if r['round'] == 0]
+  round1 = [r for r in records if r['round'] == 1]
+  assert len(round0) == len(round1) == 16
+  # Round 0: balanced hard classes. Round 1: softmax of image k's round-0 logits.
+  targets0 = [r['target_label'] for r in round0]
+  assert sorted(targets0[:10]) == list(range(10)) and len(set(targets0[10:])) == 6
+  for shard in (0, 1):
+    np.testing.assert_allclose(seen_targets[shard].max(-1), 1.0)
+  round0_logits = np.stack([r['logits'] for r in round0])
+  calibrated = np.concatenate([seen_targets[2], seen_targets[3]])
+  np.testing.assert_allclose(calibrated, synthesize.softmax(round0_logits), rtol=1e-5, atol=1e-7)
+  assert [r['target_label'] for r in round1] == list(round0_logits.argmax(-1))
+  assert os.path.getsize(tmp_path / 'preview.png') > 1000
+  assert json.loads((tmp_path / 'summary.json').read_text())['num_images'] == 32
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(teacher_dir, tmp_path, monkeypatch):
+  config = smoke_config(teacher_dir, label_calibration=True)
+  synthesize.run(config, str(tmp_path / 'straight'))
+
+  real_write = ShardWriter.write
+  def dying_write(self, shard, examples):
+    if shard == 2:
+      raise KeyboardInterrupt('killed')
+    real_write(self, shard, examples)
+  monkeypatch.setattr(ShardWriter, 'write', dying_write)
+  with pytest.raises(KeyboardInterrupt):
+    synthesize.run(config, str(tmp_path / 'resumed'))
+  files = sorted(os.listdir(tmp_path / 'resumed' / 'synthetic'))
+  assert len(files) == 2 and not any('tmp' in f for f in files)  # Only whole shards.
+  monkeypatch.setattr(ShardWriter, 'write', real_write)
+  synthesize.run(config, str(tmp_path / 'resumed'))
+
+  _, straight = read_dataset(str(tmp_path / 'straight' / 'synthetic'))
+  _, resumed = read_dataset(str(tmp_path / 'resumed' / 'synthetic'))
+  assert len(resumed) == len(straight) == 32
+  for a, b in zip(straight, resumed):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.parametrize('overrides', [
+    dict(method='gaussian_noise'),
+    dict(regional_update=False, multi_resolution=False, label_calibration=False),
+])
+def test_ablations_and_baseline_run(teacher_dir, tmp_path, overrides):
+  summary = synthesize.run(smoke_config(teacher_dir, **overrides), str(tmp_path))
+  _, records = read_dataset(summary['dataset_dir'])
+  size = 20 if overrides.get('regional_update', True) else 16
+  assert records[0]['image'].shape == (size, size, 3)
+  if overrides.get('label_calibration') is False:  # Hard targets in every round.
+    by_round = {r: [x['target_label'] for x in records if x['round'] == r] for r in (0, 1)}
+    assert by_round[0] == by_round[1]
+
+
+def test_non_finite_loss_names_batch_and_term(tmp_path):
+  bad_teacher = make_teacher(tmp_path / 'nan_teacher', corrupt=True)
+  with pytest.raises(FloatingPointError, match=r"round 0, batch 0 .* at step 0 .*\['main'\] are"):
+    synthesize.run(smoke_config(bad_teacher), str(tmp_path / 'run'))
+
+
+def test_bad_config_is_a_clear_error(teacher_dir, tmp_path):
+  with pytest.raises(ValueError, match='images_per_round=20 must be a multiple of batch_size=8'):
+    synthesize.run(smoke_config(teacher_dir, images_per_round=20), str(tmp_path))
+  with pytest.raises(ValueError, match=r'canvas \(12\) must be at least window \(16\)'):
+    synthesize.run(smoke_config(teacher_dir, canvas=12), str(tmp_path))
+
+
+def test_two_devices_equal_one_device(teacher_dir, tmp_path):
+  """Same per-device batches on 2 simulated devices or on 1: the same dataset."""
+  script = textwrap.dedent(f'''
+      import sys, jax, numpy as np, tensorflow_datasets as tfds
+      from configs import synthesize as cfg
+      from dfnas_jax.synthesis import synthesize
+      config = cfg.get_config('smoke')
+      config.teacher = {teacher_dir!r}
+      config.canvas, config.window = 20, 16
+      config.batch_size = 4 * jax.local_device_count()
+      synthesize.run(config, sys.argv[1])
+  ''')
+  records = []
+  for devices in (1, 2):
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+               JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+    out = subprocess.run([sys.executable, '-c', script, str(tmp_path / str(devices))], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records.append(read_dataset(str(tmp_path / str(devices) / 'synthetic'))[1])
+  assert len(records[0]) == len(records[1]) == 32
+  for a, b in zip(*records):
+    assert a['round'] == b['round'] and a['target_label'] == b['target_label']
+    # Same programs on the same per-device shapes; the only difference is how XLA
+    # splits reductions over threads, which 10 Adam steps amplify to ~1e-4.
+    np.testing.assert_allclose(a['logits'], b['logits'], rtol=1e-3, atol=1e-3)
+    assert np.abs(a['image'].astype(int) - b['image'].astype(int)).max() <= 1
