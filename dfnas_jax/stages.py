@@ -5,6 +5,7 @@ STAGES = {
     'teacher': 'dfnas_jax.teachers.train',
     'evaluate': 'dfnas_jax.evaluation.evaluate',
     'synthesize': 'dfnas_jax.synthesis.synthesize',
+    'retrain': 'dfnas_jax.evaluation.retrain',
 }
 
 

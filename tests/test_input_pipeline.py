@@ -16,7 +16,7 @@ def test_source_metadata(source):
   assert not source.has_logits
 
 
-@pytest.mark.parametrize('augment', ['cifar', 'imagenet', 'none'])
+@pytest.mark.parametrize('augment', ['cifar', 'imagenet', 'crop', 'none'])
 def test_train_batches_shape_and_range(source, augment):
   batch = next(ip.train_batches(source, 32, 24, augment, seed=0))
   n = jax.local_device_count()

@@ -225,3 +225,29 @@ def test_two_devices_equal_one_device(teacher_dir, tmp_path):
     # splits reductions over threads, which 10 Adam steps amplify to ~1e-4.
     np.testing.assert_allclose(a['logits'], b['logits'], rtol=1e-3, atol=1e-3)
     assert np.abs(a['image'].astype(int) - b['image'].astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize('soft_labels', ['teacher', 'stored'])
+def test_student_distils_from_synthetic_data(teacher_dir, data_dir, tmp_path, soft_labels):
+  from configs import retrain as retrain_config
+  from dfnas_jax.evaluation import retrain
+  synthetic = synthesize.run(smoke_config(teacher_dir), str(tmp_path / 'syn'))['dataset_dir']
+  config = retrain_config.get_config('smoke')
+  config.dataset, config.image_size = synthetic, 16
+  config.soft_labels, config.teacher = soft_labels, teacher_dir
+  config.eval_dataset, config.eval_data_dir, config.download = 'cifar10_jpeg', data_dir, False
+  config.eval_split = 'train[45000:45064]'
+  summary = retrain.run(config, str(tmp_path / 'student'))
+  assert summary['num_train_steps'] == 6 and summary['soft_labels'] == soft_labels
+  assert 0.0 <= summary['eval_accuracy'] <= 1.0 and summary['eval_data'] == 'cifar10_jpeg'
+  assert os.path.exists(tmp_path / 'student' / 'model' / 'variables.msgpack')
+
+
+def test_distillation_without_soft_labels_is_a_clear_error(data_dir, tmp_path):
+  from configs import retrain as retrain_config
+  from dfnas_jax.evaluation import retrain
+  config = retrain_config.get_config('smoke')
+  config.dataset, config.data_dir, config.download = 'cifar10_jpeg', data_dir, False
+  config.train_split, config.soft_labels, config.eval_dataset = 'train[:64]', 'stored', ''
+  with pytest.raises(ValueError, match="has no `logits` feature"):
+    retrain.run(config, str(tmp_path))

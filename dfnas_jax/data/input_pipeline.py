@@ -20,7 +20,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 Batch = Dict[str, np.ndarray]
-AUGMENTATIONS = ('cifar', 'imagenet', 'none')
+AUGMENTATIONS = ('cifar', 'imagenet', 'crop', 'none')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +126,8 @@ def preprocess_train(image, size: int, augment: str, seed):
         min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
         area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
     image = _resize(tf.slice(image, begin, crop), size)
+  elif augment == 'crop':  # Synthetic canvases: every size x size window is an image.
+    image = tf.image.stateless_random_crop(image, (size, size, 3), seed=seeds[0])
   elif augment == 'none':
     return tf.clip_by_value(_resize(image, size), 0.0, 1.0)
   else:
@@ -135,10 +137,13 @@ def preprocess_train(image, size: int, augment: str, seed):
 
 
 def preprocess_eval(image, size: int, augment: str):
-  """Deterministic: resize (CIFAR-style) or 87.5% centre crop + resize (ImageNet-style)."""
+  """Deterministic: resize (CIFAR-style), 87.5% centre crop + resize (ImageNet-style)
+  or the centre size x size window (crop)."""
   image = tf.image.convert_image_dtype(image, tf.float32)
   if augment == 'imagenet':
     image = tf.image.central_crop(image, 0.875)
+  elif augment == 'crop':
+    image = tf.image.resize_with_crop_or_pad(image, size, size)
   return tf.clip_by_value(_resize(image, size), 0.0, 1.0)
 
 

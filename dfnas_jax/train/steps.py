@@ -43,9 +43,18 @@ class EvalMetrics(metrics.Collection):
   accuracy: metrics.Accuracy
 
 
-def train_step(state, batch, *, learning_rate_fn, loss='cross_entropy',
-               label_smoothing=0.0, temperature=1.0):
-  """One SGD step on a device shard; gradients and BN statistics averaged over AXIS."""
+def train_step(state, batch, teacher_variables=None, *, learning_rate_fn,
+               loss='cross_entropy', label_smoothing=0.0, temperature=1.0, teacher_apply=None):
+  """One SGD step on a device shard; gradients and BN statistics averaged over AXIS.
+
+  With `teacher_apply`, the soft labels for distillation are the teacher's logits
+  on this (augmented) batch instead of the stored `batch['logits']`.
+  """
+  if teacher_apply is not None:
+    teacher_logits = teacher_apply(teacher_variables, batch['image'], train=False)
+    batch = dict(batch, logits=jax.lax.stop_gradient(teacher_logits),
+                 label=jnp.argmax(teacher_logits, -1))
+
   def loss_fn(params):
     logits, updates = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
@@ -71,6 +80,7 @@ def eval_step(variables, batch, *, apply_fn):
 
 
 def pmap_train_step(**kwargs):
+  """pmap-ed train_step(state, batch[, replicated teacher variables])."""
   return jax.pmap(functools.partial(train_step, **kwargs), axis_name=AXIS, donate_argnums=(0,))
 
 

@@ -1,7 +1,7 @@
 """The supervised/distillation training loop shared by the teacher and retrain stages."""
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import flax.jax_utils
 import flax.linen as nn
@@ -40,8 +40,12 @@ def total_train_steps(config, steps_per_epoch: int) -> int:
 
 
 def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
-        train_source: ip.DataSource, eval_source: Optional[ip.DataSource]) -> Dict[str, Any]:
+        train_source: ip.DataSource, eval_source: Optional[ip.DataSource],
+        teacher: Optional[Tuple[nn.Module, Any]] = None) -> Dict[str, Any]:
   """Trains `model` from scratch (or resumes from `workdir/checkpoints`); returns results.
+
+  `teacher` = (module, variables) recomputes distillation targets on every
+  augmented batch; without it, distillation uses the dataset's stored logits.
 
   Uses config: seed, batch_size, num_epochs | num_train_steps, learning_rate,
   warmup_epochs, lr_schedule, momentum, nesterov, weight_decay, loss,
@@ -69,7 +73,11 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
                                            every_secs=30)
   p_train_step = steps.pmap_train_step(
       learning_rate_fn=lr_fn, loss=config.loss, label_smoothing=config.label_smoothing,
-      temperature=config.temperature)
+      temperature=config.temperature, teacher_apply=teacher and teacher[0].apply)
+  extra_args = (flax.jax_utils.replicate(teacher[1]),) if teacher else ()
+  if config.loss == 'distillation' and not teacher and not train_source.has_logits:
+    raise ValueError(f'Distillation needs soft labels: dataset {train_source.builder.name!r} '
+                     'has no `logits` feature, so configure a teacher to compute them.')
   p_eval_step = steps.pmap_eval_step(model.apply)
   batches = flax.jax_utils.prefetch_to_device(
       ip.train_batches(train_source, config.batch_size, config.image_size, config.augment,
@@ -79,7 +87,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
   train_metrics, eval_results = None, {}
   for step in range(start_step + 1, num_steps + 1):
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      rstate, m = p_train_step(rstate, next(batches))
+      rstate, m = p_train_step(rstate, next(batches), *extra_args)
     m = flax.jax_utils.unreplicate(m)
     train_metrics = m if train_metrics is None else train_metrics.merge(m)
     report(step)
