@@ -5,6 +5,7 @@ that exists is whole: a killed run resumes at the first missing shard and never
 duplicates a record. `finalize` adds the TFDS metadata once all shards exist;
 then `tfds.builder_from_directory(directory)` loads the dataset.
 """
+import glob
 import os
 from typing import Dict, List, Optional
 
@@ -41,8 +42,14 @@ class ShardWriter:
   def exists(self, shard: int) -> bool:
     return os.path.exists(self.path(shard))
 
+  def _remove_partial(self, pattern: str) -> None:
+    """Deletes what a killed run left half-written."""
+    for path in glob.glob(pattern):
+      os.remove(path)
+
   def write(self, shard: int, examples: List[Dict[str, np.ndarray]]) -> None:
     final = self.path(shard)
+    self._remove_partial(f'{final}.tmp-*')
     tmp = f'{final}.tmp-{os.getpid()}'
     with tf.io.TFRecordWriter(tmp) as w:
       for example in examples:
@@ -61,6 +68,8 @@ class ShardWriter:
     return {k: np.stack([np.asarray(d[k]) for d in decoded]) for k in decoded[0]}
 
   def finalize(self, description: str, metadata: Optional[Dict] = None) -> None:
+    """Writes the TFDS metadata; call once, after every host wrote its shards."""
+    self._remove_partial(os.path.join(self.directory, '*.tmp-*'))
     shard_lengths = [sum(1 for _ in tf.data.TFRecordDataset(self.path(i)))
                      for i in range(self.num_shards)]
     split = tfds.core.SplitInfo(

@@ -1,0 +1,72 @@
+"""Throughput of the inversion update: steps/s, images x steps/s, achieved FLOP/s.
+
+  python benchmarks/synthesis.py --teacher=cifar10_resnet20 --batch_size=128 \
+      --canvas=40 --window=32 --steps=20
+
+Weights do not change the cost, so the teacher's architecture runs with random
+weights (no checkpoint needed). FLOPs per step come from XLA's cost analysis of
+the compiled chunk of steps.
+"""
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from dfnas_jax import teachers
+from dfnas_jax.synthesis import inversion
+from dfnas_jax.train import state as state_lib
+
+flags.DEFINE_string('teacher', 'cifar10_resnet20', 'Zoo teacher (architecture used).')
+flags.DEFINE_integer('batch_size', 128, 'Images per step over all local devices.')
+flags.DEFINE_integer('canvas', 40, 'Canvas side.')
+flags.DEFINE_integer('window', 32, 'Window side.')
+flags.DEFINE_integer('factor', 1, 'Resolution factor of the measured stage (2 = half).')
+flags.DEFINE_integer('steps', 20, 'Steps per timed dispatch.')
+flags.DEFINE_integer('repeats', 3, 'Timed dispatches (after one warm-up).')
+FLAGS = flags.FLAGS
+
+
+def main(_):
+  spec = teachers.get(FLAGS.teacher)
+  module = spec.module()
+  variables = state_lib.init_variables(module, jax.random.PRNGKey(0), FLAGS.window)
+  settings = inversion.Settings(canvas=FLAGS.canvas, window=FLAGS.window)
+  stages = [(FLAGS.factor, FLAGS.steps)]
+  inverter = inversion.Inverter(module.apply, variables, module.mean, module.std, settings,
+                                stages, chunk_steps=FLAGS.steps)
+  n = jax.local_device_count()
+  keys = inversion.image_keys(0, 0, np.arange(FLAGS.batch_size)).reshape(n, -1, 2)
+  targets = np.eye(spec.num_classes, dtype=np.float32)[
+      np.arange(FLAGS.batch_size) % spec.num_classes].reshape(n, -1, spec.num_classes)
+
+  canvas = inverter._pmapped('init')(keys)
+  opt_state = inverter._pmapped('init_opt', stage_steps=FLAGS.steps)(canvas)
+  chunk = inverter._pmapped('chunk', factor=FLAGS.factor, num_steps=FLAGS.steps,
+                            stage_steps=FLAGS.steps)
+  args = (canvas, opt_state, jax.numpy.asarray(targets), keys, 0, inverter.variables)
+  cost = chunk.lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops_per_step = cost.get('flops', float('nan')) / FLAGS.steps * n  # per device -> all
+
+  out = chunk(*args)  # warm-up (compile)
+  jax.block_until_ready(out)
+  times = []
+  for _ in range(FLAGS.repeats):
+    canvas, opt_state = out[0], out[1]
+    start = time.perf_counter()
+    out = chunk(canvas, opt_state, *args[2:])
+    jax.block_until_ready(out)
+    times.append(time.perf_counter() - start)
+  step_time = float(np.median(times)) / FLAGS.steps
+  print(f'backend={jax.default_backend()} devices={n} teacher={FLAGS.teacher} '
+        f'batch={FLAGS.batch_size} canvas={FLAGS.canvas} window={FLAGS.window} '
+        f'factor={FLAGS.factor}')
+  print(f'step_ms={step_time * 1e3:.1f} steps_per_s={1 / step_time:.2f} '
+        f'image_steps_per_s={FLAGS.batch_size / step_time:.0f} '
+        f'gflop_per_step={flops_per_step / 1e9:.2f} '
+        f'achieved_gflops={flops_per_step / step_time / 1e9:.1f}')
+
+
+if __name__ == '__main__':
+  app.run(main)
