@@ -40,10 +40,9 @@ def main(_):
   targets = np.eye(spec.num_classes, dtype=np.float32)[
       np.arange(FLAGS.batch_size) % spec.num_classes].reshape(n, -1, spec.num_classes)
 
-  canvas = inverter._pmapped('init')(keys)
-  opt_state = inverter._pmapped('init_opt', stage_steps=FLAGS.steps)(canvas)
-  chunk = inverter._pmapped('chunk', factor=FLAGS.factor, num_steps=FLAGS.steps,
-                            stage_steps=FLAGS.steps)
+  canvas = inverter.init_canvas_fn(keys)
+  opt_state = inverter.init_optimizer_fn(FLAGS.steps)(canvas)
+  chunk = inverter.chunk_fn(FLAGS.factor, FLAGS.steps, FLAGS.steps)
   args = (canvas, opt_state, jax.numpy.asarray(targets), keys, 0, inverter.variables)
   cost = chunk.lower(*args).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -116,9 +116,9 @@ def test_dataset_round_trip_and_label_calibration(teacher_dir, tmp_path, monkeyp
   seen_targets = {}
   real = inversion.Inverter.synthesize
 
-  def recording(self, targets, keys, on_chunk=None):
+  def recording(self, targets, keys, *args, **kwargs):
     seen_targets[len(seen_targets)] = np.asarray(targets).reshape(-1, targets.shape[-1])
-    return real(self, targets, keys, on_chunk)
+    return real(self, targets, keys, *args, **kwargs)
 
   monkeypatch.setattr(inversion.Inverter, 'synthesize', recording)
   summary = synthesize.run(smoke_config(teacher_dir), str(tmp_path))

@@ -12,7 +12,7 @@ the normalized image of [0, 1].
 """
 import dataclasses
 import functools
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Sequence, Tuple
 
 import flax.jax_utils
 import jax
@@ -115,7 +115,6 @@ class Inverter:
     self.settings = settings
     self.stages = tuple(stages)
     self.chunk_steps = chunk_steps
-    self._compiled: Dict = {}
 
   # --- per-device functions (run under pmap) ---
 
@@ -179,20 +178,25 @@ class Inverter:
 
   # --- host side ---
 
-  def _pmapped(self, name, **static):
-    key = (name, tuple(sorted(static.items())))
-    if key not in self._compiled:
-      if name == 'chunk':
-        fn = jax.pmap(functools.partial(self._run_chunk, **static), axis_name=AXIS,
-                      in_axes=(0, 0, 0, 0, None, 0), donate_argnums=(0, 1))
-      elif name == 'init_opt':
-        fn = jax.pmap(self.optimizer(static['stage_steps']).init, axis_name=AXIS)
-      elif name == 'final':
-        fn = jax.pmap(self._final, axis_name=AXIS)
-      else:
-        fn = jax.pmap(self._init, axis_name=AXIS)
-      self._compiled[key] = fn
-    return self._compiled[key]
+  @functools.lru_cache(maxsize=None)
+  def chunk_fn(self, factor: int, num_steps: int, stage_steps: int):
+    """pmap-ed (canvas, opt_state, targets, keys, first_step, variables) ->
+    (canvas, opt_state, last terms, first non-finite step or -1, its terms)."""
+    return jax.pmap(functools.partial(self._run_chunk, factor=factor, num_steps=num_steps,
+                                      stage_steps=stage_steps),
+                    axis_name=AXIS, in_axes=(0, 0, 0, 0, None, 0), donate_argnums=(0, 1))
+
+  @functools.lru_cache(maxsize=None)
+  def init_optimizer_fn(self, stage_steps: int):
+    return jax.pmap(self.optimizer(stage_steps).init, axis_name=AXIS)
+
+  @functools.cached_property
+  def init_canvas_fn(self):
+    return jax.pmap(self._init, axis_name=AXIS)
+
+  @functools.cached_property
+  def final_fn(self):
+    return jax.pmap(self._final, axis_name=AXIS)
 
   def synthesize(self, targets: np.ndarray, keys: jax.Array, on_chunk=None,
                  name: str = 'batch'):
@@ -203,14 +207,14 @@ class Inverter:
     FloatingPointError naming `name`, the step and the offending terms. Returns
     (uint8 canvases, logits), both [devices, per_device, ...] numpy arrays.
     """
-    canvas = self._pmapped('init')(keys)
+    canvas = self.init_canvas_fn(keys)
     targets = jnp.asarray(targets, jnp.float32)
     done = 0
     for factor, stage_steps in self.stages:
-      opt_state = self._pmapped('init_opt', stage_steps=stage_steps)(canvas)
+      opt_state = self.init_optimizer_fn(stage_steps)(canvas)
       for first in range(0, stage_steps, self.chunk_steps):
         n = min(self.chunk_steps, stage_steps - first)
-        chunk = self._pmapped('chunk', factor=factor, num_steps=n, stage_steps=stage_steps)
+        chunk = self.chunk_fn(factor, n, stage_steps)
         canvas, opt_state, terms, bad_step, bad_terms = chunk(
             canvas, opt_state, targets, keys, first, self.variables)
         done += n
@@ -224,5 +228,5 @@ class Inverter:
               f'({values}). Check the teacher weights or lower the learning rate.')
         if on_chunk is not None:
           on_chunk(done, {k: float(np.mean(v)) for k, v in jax.device_get(terms).items()})
-    images, logits = self._pmapped('final')(canvas, self.variables)
+    images, logits = self.final_fn(canvas, self.variables)
     return np.asarray(images), np.asarray(logits)
