@@ -41,26 +41,29 @@ def main(_):
       np.arange(FLAGS.batch_size) % spec.num_classes].reshape(n, -1, spec.num_classes)
 
   canvas = inverter.init_canvas_fn(keys)
-  opt_state = inverter.init_optimizer_fn(FLAGS.steps)(canvas)
-  chunk = inverter.chunk_fn(FLAGS.factor, FLAGS.steps, FLAGS.steps)
-  args = (canvas, opt_state, jax.numpy.asarray(targets), keys, 0, inverter.variables)
-  cost = chunk.lower(*args).compile().cost_analysis()
+  targets = jax.numpy.asarray(targets)
+  no_terms = {k: jax.numpy.zeros((n,)) for k in inversion.LOSS_TERMS}
+  carry = (canvas, inverter.init_optimizer_fn(FLAGS.steps)(canvas), no_terms,
+           jax.numpy.full((n,), -1, jax.numpy.int32), no_terms)
+  step = inverter.chunk_fn(FLAGS.factor, 0, FLAGS.steps)  # one step, no device loop
+  args = (*carry[:2], targets, keys, 0, inverter.variables, *carry[3:])
+  cost = step.lower(*args).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops_per_step = cost.get('flops', float('nan')) / FLAGS.steps * n  # per device -> all
+  flops_per_step = cost.get('flops', float('nan')) * n  # per device -> all devices
 
-  out = chunk(*args)  # warm-up (compile)
-  jax.block_until_ready(out)
+  def run(carry):
+    return inverter.advance(carry, targets, keys, FLAGS.factor, 0, FLAGS.steps, FLAGS.steps)
+
+  carry = jax.block_until_ready(run(carry))  # warm-up (compile)
   times = []
   for _ in range(FLAGS.repeats):
-    canvas, opt_state = out[0], out[1]
     start = time.perf_counter()
-    out = chunk(canvas, opt_state, *args[2:])
-    jax.block_until_ready(out)
+    carry = jax.block_until_ready(run(carry))
     times.append(time.perf_counter() - start)
   step_time = float(np.median(times)) / FLAGS.steps
   print(f'backend={jax.default_backend()} devices={n} teacher={FLAGS.teacher} '
         f'batch={FLAGS.batch_size} canvas={FLAGS.canvas} window={FLAGS.window} '
-        f'factor={FLAGS.factor}')
+        f'factor={FLAGS.factor} device_loop={inverter.loop_on_device}')
   print(f'step_ms={step_time * 1e3:.1f} steps_per_s={1 / step_time:.2f} '
         f'image_steps_per_s={FLAGS.batch_size / step_time:.0f} '
         f'gflop_per_step={flops_per_step / 1e9:.2f} '
