@@ -1,7 +1,7 @@
 """Synthesize a dataset from a teacher (recursive label calibration, regional update,
 multi-resolution), written as a TFDS dataset under WORKDIR/synthetic.
 
-  python -m dfnas_jax.main --config=configs/synthesize.py            # ~10 min on 2 CPU cores
+  python -m dfnas_jax.main --config=configs/synthesize.py            # 512 images, ~6 min on 2 CPU cores
   python -m dfnas_jax.main --config=configs/synthesize.py:smoke      # seconds, for tests
   python -m dfnas_jax.main --config=configs/synthesize.py:imagenet --config.teacher_checkpoint=resnet50.pth
 
