@@ -58,12 +58,12 @@ def resolution_stages(config):
   return [(1, config.low_res_steps + config.full_res_steps)]
 
 
-def check_config(config, num_devices: int, num_processes: int):
+def check_config(config, num_local_devices: int, num_processes: int):
   if config.method not in METHODS:
     raise ValueError(f'method must be one of {METHODS}, got {config.method!r}')
-  if config.batch_size % num_devices:
+  if config.batch_size % num_local_devices:
     raise ValueError(f'batch_size={config.batch_size} must be divisible by the number of '
-                     f'devices ({num_devices}).')
+                     f'local devices ({num_local_devices}).')
   if config.images_per_round % config.batch_size:
     raise ValueError(f'images_per_round={config.images_per_round} must be a multiple of '
                      f'batch_size={config.batch_size}.')
@@ -83,8 +83,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   start_time = time.time()
   module, variables, spec = teachers.load(config.teacher, config.teacher_checkpoint or None)
   n_dev, n_proc = jax.local_device_count(), jax.process_count()
-  check_config(config, jax.device_count(), n_proc)
-  batch = config.batch_size // n_proc           # images per host per batch
+  check_config(config, n_dev, n_proc)
+  batch = config.batch_size  # a host makes whole batches (shards) on its local devices
   batches_per_round = config.images_per_round // config.batch_size
   num_shards = config.num_rounds * batches_per_round
   settings = inversion_settings(config)
@@ -109,8 +109,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
 
   for done_shards, shard in enumerate(todo):
     round_index, b = divmod(shard, batches_per_round)
-    first = b * config.batch_size + jax.process_index() * batch
-    indices = np.arange(first, first + batch)
+    indices = np.arange(b * batch, (b + 1) * batch)
     if round_index > 0 and config.label_calibration:
       targets = softmax(writer.read(shard - batches_per_round)['logits'])
     else:
