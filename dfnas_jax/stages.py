@@ -6,6 +6,7 @@ STAGES = {
     'evaluate': 'dfnas_jax.evaluation.evaluate',
     'synthesize': 'dfnas_jax.synthesis.synthesize',
     'retrain': 'dfnas_jax.evaluation.retrain',
+    'spos': 'dfnas_jax.nas.spos',
 }
 
 

@@ -16,7 +16,13 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 
 def write_json(path: str, obj: Any) -> None:
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + '\n').encode())
+
+
+def read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
 
 
 def _jsonable(x):

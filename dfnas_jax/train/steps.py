@@ -2,10 +2,13 @@
 import functools
 
 import flax
+import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import optax
 from clu import metrics
+
+from dfnas_jax.models import spos
 
 AXIS = 'batch'
 
@@ -43,28 +46,45 @@ class EvalMetrics(metrics.Collection):
   accuracy: metrics.Accuracy
 
 
+def model_inputs(batch):
+  """Keyword arguments for the model beyond the images: a supernet's path `arch`."""
+  return {'architecture': batch['arch']} if 'arch' in batch else {}
+
+
 def train_step(state, batch, teacher_variables=None, *, learning_rate_fn,
-               loss='cross_entropy', label_smoothing=0.0, temperature=1.0, teacher_apply=None):
+               loss='cross_entropy', label_smoothing=0.0, temperature=1.0, teacher_apply=None,
+               dropout_rng=None):
   """One SGD step on a device shard; gradients and BN statistics averaged over AXIS.
 
   With `teacher_apply`, the soft labels for distillation are the teacher's logits
-  on this (augmented) batch instead of the stored `batch['logits']`.
+  on this (augmented) batch instead of the stored `batch['logits']`. A batch with
+  an `arch` trains that path of a supernet (`models.spos`): choices the path did
+  not use keep their parameters and optimizer state exactly.
   """
   if teacher_apply is not None:
     teacher_logits = teacher_apply(teacher_variables, batch['image'], train=False)
     batch = dict(batch, logits=jax.lax.stop_gradient(teacher_logits),
                  label=jnp.argmax(teacher_logits, -1))
 
+  if dropout_rng is None:
+    dropout_rng = jax.random.PRNGKey(0)
+  rngs = {'dropout': jax.random.fold_in(jax.random.fold_in(dropout_rng, state.step),
+                                        jax.lax.axis_index(AXIS))}
+
   def loss_fn(params):
     logits, updates = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
-        train=True, mutable=['batch_stats'])
+        train=True, mutable=['batch_stats'], rngs=rngs, **model_inputs(batch))
     per_example = classification_loss(logits, batch, loss, label_smoothing, temperature)
     return per_example.mean(), (logits, updates['batch_stats'])
 
   (value, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, AXIS)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if 'arch' in batch:
+    new_state = new_state.replace(
+        params=spos.keep_unused(new_state.params, state.params, batch['arch']),
+        opt_state=spos.keep_unused(new_state.opt_state, state.opt_state, batch['arch']))
   step_metrics = TrainMetrics.gather_from_model_output(
       axis_name=AXIS, loss=value, logits=logits, labels=batch['label'],
       learning_rate=learning_rate_fn(state.step))
@@ -73,10 +93,22 @@ def train_step(state, batch, teacher_variables=None, *, learning_rate_fn,
 
 def eval_step(variables, batch, *, apply_fn):
   """Masked loss/accuracy on a padded eval batch (hard labels)."""
-  logits = apply_fn(variables, batch['image'], train=False)
+  logits = apply_fn(variables, batch['image'], train=False, **model_inputs(batch))
   return EvalMetrics.gather_from_model_output(
       axis_name=AXIS, loss=cross_entropy(logits, batch['label']), logits=logits,
       labels=batch['label'], mask=batch['mask'])
+
+
+def replicate(tree):
+  """`tree` on every local device, laid out exactly as pmap-ed steps return it.
+
+  flax's `replicate` gives a different sharding than a pmap output, which made
+  the second step compile the whole train step again (10 s to minutes on CPU).
+  """
+  return _pmap_identity(flax.jax_utils.replicate(tree))
+
+
+_pmap_identity = jax.pmap(lambda tree: tree, axis_name=AXIS)
 
 
 def pmap_train_step(**kwargs):

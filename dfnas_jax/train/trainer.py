@@ -1,7 +1,7 @@
 """The supervised/distillation training loop shared by the teacher and retrain stages."""
 import os
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax.jax_utils
 import flax.linen as nn
@@ -41,11 +41,13 @@ def total_train_steps(config, steps_per_epoch: int) -> int:
 
 def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
         train_source: ip.DataSource, eval_source: Optional[ip.DataSource],
-        teacher: Optional[Tuple[nn.Module, Any]] = None) -> Dict[str, Any]:
+        teacher: Optional[Tuple[nn.Module, Any]] = None,
+        add_to_batch: Optional[Callable[[int, ip.Batch], ip.Batch]] = None) -> Dict[str, Any]:
   """Trains `model` from scratch (or resumes from `workdir/checkpoints`); returns results.
 
   `teacher` = (module, variables) recomputes distillation targets on every
   augmented batch; without it, distillation uses the dataset's stored logits.
+  `add_to_batch(step, batch)` can add inputs, e.g. the path a supernet trains.
 
   Uses config: seed, batch_size, num_epochs | num_train_steps, learning_rate,
   warmup_epochs, lr_schedule, momentum, nesterov, weight_decay, loss,
@@ -73,8 +75,9 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
                                            every_secs=30)
   p_train_step = steps.pmap_train_step(
       learning_rate_fn=lr_fn, loss=config.loss, label_smoothing=config.label_smoothing,
-      temperature=config.temperature, teacher_apply=teacher and teacher[0].apply)
-  extra_args = (flax.jax_utils.replicate(teacher[1]),) if teacher else ()
+      temperature=config.temperature, teacher_apply=teacher and teacher[0].apply,
+      dropout_rng=jax.random.PRNGKey(config.seed + 1))
+  extra_args = (steps.replicate(teacher[1]),) if teacher else ()
   if config.loss == 'distillation' and not teacher and not train_source.has_logits:
     raise ValueError(f'Distillation needs soft labels: dataset {train_source.builder.name!r} '
                      'has no `logits` feature, so configure a teacher to compute them.')
@@ -83,11 +86,14 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
       ip.train_batches(train_source, config.batch_size, config.image_size, config.augment,
                        config.seed, start_step=start_step), 2)
 
-  rstate = flax.jax_utils.replicate(state)
+  rstate = steps.replicate(state)
   train_metrics, eval_results = None, {}
   for step in range(start_step + 1, num_steps + 1):
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      rstate, m = p_train_step(rstate, next(batches), *extra_args)
+      batch = next(batches)
+      if add_to_batch is not None:
+        batch = add_to_batch(step, batch)
+      rstate, m = p_train_step(rstate, batch, *extra_args)
     m = flax.jax_utils.unreplicate(m)
     train_metrics = m if train_metrics is None else train_metrics.merge(m)
     report(step)

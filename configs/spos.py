@@ -1,0 +1,123 @@
+"""Data-free SPOS: synthesize -> supernet -> evolutionary search -> retrain -> evaluate.
+
+  python -m dfnas_jax.main --config=configs/spos.py        # ~20 min on 2 CPU cores
+  python -m dfnas_jax.main --config=configs/spos.py:smoke  # CI, a couple of minutes
+  python -m dfnas_jax.main --config=configs/spos.py:imagenet --config.teacher_checkpoint=r50.pth
+
+Real-data evaluation of the retrained architecture, offline copy of CIFAR-10:
+  --config.eval_dataset=cifar10_jpeg --config.eval_data_dir=/path/to/tfds \
+  --config.eval_split='train[45000:]'
+Search on real data with hard labels instead (the comparison experiments):
+  --config.dataset=cifar10_jpeg --config.data_dir=... --config.train_split='train[:40000]' \
+  --config.val_split='train[40000:45000]' --config.supernet.loss=cross_entropy
+"""
+import ml_collections
+from ml_collections import config_dict
+
+from configs import retrain as retrain_config
+from configs import synthesize as synthesize_config
+
+
+def _trainer(batch_size, steps, lr, weight_decay, image_size, augment, loss='distillation'):
+  """The fields `dfnas_jax.train.trainer.fit` reads."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = batch_size
+  c.num_epochs = 0.0
+  c.num_train_steps = steps
+  c.learning_rate = lr
+  c.warmup_epochs = 0.0
+  c.lr_schedule = 'linear'
+  c.momentum = 0.9
+  c.nesterov = False
+  c.weight_decay = weight_decay
+  c.loss = loss
+  c.label_smoothing = 0.0
+  c.temperature = 3.0
+  c.image_size = image_size
+  c.augment = augment
+  c.log_every_steps = 50
+  c.eval_every_steps = 10 ** 9
+  c.checkpoint_every_steps = 50
+  c.keep_checkpoints = 2
+  return c
+
+
+def get_config(preset: str = '') -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = 'spos'
+  c.seed = 0
+  c.teacher = 'cifar10_resnet20'
+  c.teacher_checkpoint = ''
+
+  # Data searched on: '' synthesizes WORKDIR/synthesize (reused if already there).
+  c.dataset = ''
+  c.data_dir = config_dict.placeholder(str)
+  c.download = True
+  c.synthesis = synthesize_config.get_config()
+  c.synthesis.images_per_round, c.synthesis.num_rounds = 128, 3  # 384 images, ~4 min on CPU
+  c.val_per_class = 8            # held out from the synthetic set for the search
+  c.train_split = ''             # explicit splits override val_per_class (real data)
+  c.val_split = ''
+  c.soft_labels = 'teacher'      # teacher: recomputed per augmented batch | stored
+
+  # Search space (dfnas_jax.models.spos.SPACES) and the FLOPs band of sampled paths.
+  c.space = 'spos_cifar'
+  c.flops_min = 13.0             # MFLOPs (multiply-adds); <= 0: no lower bound
+  c.flops_max = 15.5             # <= 0: no upper bound
+  c.dropout = 0.1
+
+  c.supernet = _trainer(batch_size=32, steps=250, lr=0.1, weight_decay=4e-5, image_size=32,
+                        augment='crop')
+
+  c.search = ml_collections.ConfigDict(dict(
+      population=16, generations=5, top_k=5, num_mutations=6, mutation_prob=0.1,
+      num_crossovers=6, max_tries=1000))
+  c.search_flops_max = 15.0      # candidates above this are not considered
+  c.calibration_batches = 2      # BN recalibration batches per candidate
+  c.calibration_batch_size = 64
+
+  c.retrain = retrain_config.get_config()
+  c.retrain.batch_size = 64
+  c.retrain.num_train_steps = 300
+  c.retrain.learning_rate = 0.05
+  c.retrain.weight_decay = 4e-5
+  c.retrain.checkpoint_every_steps = 50
+
+  # Real-data evaluation of the retrained architecture ('' to skip).
+  c.eval_dataset = 'cifar10'
+  c.eval_data_dir = config_dict.placeholder(str)
+  c.eval_split = 'test'
+
+  if preset == 'smoke':
+    c.synthesis = synthesize_config.get_config('smoke')
+    c.val_per_class = 1
+    c.space = 'spos_tiny'
+    c.flops_min, c.flops_max, c.search_flops_max = 0.0, 2.4, 2.3
+    c.supernet = _trainer(batch_size=8, steps=4, lr=0.05, weight_decay=4e-5, image_size=32,
+                          augment='crop')
+    c.supernet.checkpoint_every_steps = 2
+    c.search.update(population=4, generations=2, top_k=2, num_mutations=2, num_crossovers=1)
+    c.calibration_batches, c.calibration_batch_size = 1, 8
+    c.retrain = retrain_config.get_config('smoke')
+    c.eval_split = 'test[:64]'
+  elif preset == 'imagenet':
+    c.teacher = 'resnet50'
+    c.synthesis = synthesize_config.get_config('imagenet')
+    c.space = 'spos_imagenet'
+    c.flops_min, c.flops_max, c.search_flops_max = 290.0, 360.0, 330.0
+    c.supernet = _trainer(batch_size=1024, steps=150_000, lr=0.5, weight_decay=4e-5,
+                          image_size=224, augment='imagenet')
+    c.supernet.checkpoint_every_steps = 2000
+    c.search.update(population=50, generations=20, top_k=10, num_mutations=25,
+                    num_crossovers=25)
+    c.calibration_batches, c.calibration_batch_size = 200, 128
+    c.retrain.image_size, c.retrain.augment = 224, 'imagenet'
+    c.retrain.batch_size, c.retrain.num_train_steps = 1024, 300_000
+    c.retrain.learning_rate, c.retrain.weight_decay = 0.5, 4e-5
+    c.retrain.lr_schedule = 'linear'
+    c.retrain.checkpoint_every_steps = 2000
+    c.eval_dataset, c.eval_split = 'imagenet2012', 'validation'
+  elif preset:
+    raise ValueError(f"Unknown preset {preset!r} for spos; presets: '', 'smoke', 'imagenet'")
+  return c

@@ -1,0 +1,338 @@
+"""The ShuffleNetV2 one-shot search space of SPOS (Guo et al., 2020), in Flax.
+
+An architecture is one choice per layer, an integer in [0, 4): ShuffleNetV2
+blocks with a 3x3, 5x5 or 7x7 depthwise kernel, or an Xception block (three
+depthwise 3x3). `SPOSNet(space)` is the supernet: it holds every choice of every
+layer and takes the architecture as a *traced* integer array, running each layer
+through `nn.switch`, so one compiled step serves every path. `SPOSNet(space,
+choices=(...))` is the stand-alone network of one architecture, for retraining.
+
+Names: `architecture_name('spos_cifar', (0, 3, ...))` is 'spos_cifar:03...', which
+`dfnas_jax.models.build_model` accepts like any zoo name.
+"""
+import dataclasses
+import re
+from functools import partial
+from typing import Any, Iterator, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dfnas_jax.models.resnet import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
+
+CHOICES = ('shufflenet_3x3', 'shufflenet_5x5', 'shufflenet_7x7', 'xception')
+NUM_CHOICES = len(CHOICES)
+KERNELS = (3, 5, 7)
+
+conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+  """Widths and depths of the supernet; the reference is `SPACES['spos_imagenet']`."""
+  stage_repeats: Tuple[int, ...]
+  stage_widths: Tuple[int, ...]
+  stage_strides: Tuple[int, ...]
+  stem_width: int
+  stem_stride: int
+  last_width: int
+  image_size: int
+  mean: Tuple[float, ...]
+  std: Tuple[float, ...]
+
+  @property
+  def num_layers(self) -> int:
+    return sum(self.stage_repeats)
+
+  def layers(self) -> Iterator[Tuple[int, int, int, int]]:
+    """(in_channels, out_channels, stride, input side) of each choice layer."""
+    channels, side = self.stem_width, _out_side(self.image_size, self.stem_stride)
+    for repeats, width, stride in zip(self.stage_repeats, self.stage_widths, self.stage_strides):
+      for i in range(repeats):
+        s = stride if i == 0 else 1
+        yield channels, width, s, side
+        channels, side = width, _out_side(side, s)
+
+  def check(self, choices: Sequence[int]) -> Tuple[int, ...]:
+    choices = tuple(int(c) for c in choices)
+    if len(choices) != self.num_layers or not all(0 <= c < NUM_CHOICES for c in choices):
+      raise ValueError(f'An architecture of this space is {self.num_layers} choices in '
+                       f'[0, {NUM_CHOICES}), got {choices}')
+    return choices
+
+
+def _out_side(side: int, stride: int) -> int:
+  return -(-side // stride)
+
+
+SPACES = {
+    # The reference space: 20 layers, 224 px, ~290-360 MFLOPs band.
+    'spos_imagenet': SearchSpace((4, 4, 8, 4), (64, 160, 320, 640), (2, 2, 2, 2), 16, 2, 1024,
+                                 224, IMAGENET_MEAN, IMAGENET_STD),
+    # 32 px inputs: stem at full resolution, 12 layers, sized for CPU runs.
+    'spos_cifar': SearchSpace((2, 2, 4, 4), (32, 64, 128, 256), (1, 2, 2, 2), 16, 1, 512,
+                              32, CIFAR10_MEAN, CIFAR10_STD),
+    # Tests and smoke runs: 4 layers.
+    'spos_tiny': SearchSpace((1, 1, 1, 1), (16, 32, 64, 128), (1, 2, 2, 2), 8, 1, 128,
+                             32, CIFAR10_MEAN, CIFAR10_STD),
+}
+
+
+def architecture_name(space: str, choices: Sequence[int]) -> str:
+  return f'{space}:' + ''.join(str(c) for c in SPACES[space].check(choices))
+
+
+def parse_name(name: str) -> Tuple[str, Optional[Tuple[int, ...]]]:
+  """'spos_cifar' -> ('spos_cifar', None); 'spos_cifar:0123...' -> (space, choices)."""
+  match = re.fullmatch(r'(\w+?)(?::(\d+))?', name)
+  if not match or match.group(1) not in SPACES:
+    raise ValueError(f'{name!r} is not a SPOS architecture: expected one of {sorted(SPACES)}, '
+                     'optionally followed by ":" and one digit per layer.')
+  space, digits = match.groups()
+  return space, SPACES[space].check(digits) if digits else None
+
+
+def depthwise_conv(x, kernel, stride: int):
+  """Depthwise 'same' convolution (PyTorch padding k // 2), kernel [k, k, 1, C].
+
+  XLA:CPU runs grouped convolutions about 40x slower than a sum of k*k shifted
+  multiplies (forward, measured at 64x32x32x32, k=7: 0.19-0.31 s vs 0.005-0.008 s;
+  forward+backward 0.64-0.79 s vs 0.23 s), so CPU uses the sum; accelerators use
+  the convolution.
+  """
+  k, pad = kernel.shape[0], kernel.shape[0] // 2
+  if jax.default_backend() != 'cpu':
+    return jax.lax.conv_general_dilated(
+        x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=x.shape[-1])
+  h, w = _out_side(x.shape[1], stride), _out_side(x.shape[2], stride)
+  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  out = 0.
+  for i in range(k):
+    for j in range(k):
+      window = padded[:, i:i + stride * (h - 1) + 1:stride, j:j + stride * (w - 1) + 1:stride]
+      out = out + window * kernel[i, j, 0]
+  return out
+
+
+class DepthwiseConv(nn.Module):
+  """`nn.Conv(feature_group_count=C)`'s parameters, computed by `depthwise_conv`."""
+  kernel_size: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    kernel = self.param('kernel', conv_init, (self.kernel_size, self.kernel_size, 1, channels))
+    return depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
+
+
+class ChoiceBlock(nn.Module):
+  """A ShuffleNetV2 unit whose main branch is choice `choice` of CHOICES.
+
+  Stride 1: channel shuffle splits the input; the even half passes through.
+  Stride 2: the whole input also goes through a depthwise+pointwise projection.
+  The main branch fills the remaining output channels.
+  """
+  out_channels: int
+  stride: int
+  choice: int
+  affine: bool
+  bn_momentum: float = 0.9
+  axis_name: Optional[str] = 'batch'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    norm = partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+                   epsilon=1e-5, use_scale=self.affine, use_bias=self.affine, dtype=self.dtype,
+                   axis_name=self.axis_name if train else None)
+    count = iter(range(100))
+
+    def conv(y, features, kernel=1, stride=1, depthwise=False, relu=True):
+      i = next(count)
+      if depthwise:
+        y = DepthwiseConv(kernel, stride, self.dtype, name=f'conv{i}')(y)
+      else:
+        y = nn.Conv(features, (1, 1), use_bias=False, kernel_init=conv_init, dtype=self.dtype,
+                    name=f'conv{i}')(y)
+      y = norm(name=f'bn{i}')(y)
+      return nn.relu(y) if relu else y
+
+    channels = x.shape[-1]
+    if self.stride == 1:
+      proj, x = x[..., 0::2], x[..., 1::2]
+    else:
+      proj = conv(x, channels, 3, self.stride, depthwise=True, relu=False)
+      proj = conv(proj, channels)
+    mid, main_out = self.out_channels // 2, self.out_channels - proj.shape[-1]
+    if self.choice < len(KERNELS):
+      y = conv(x, mid)
+      y = conv(y, mid, KERNELS[self.choice], self.stride, depthwise=True, relu=False)
+      y = conv(y, main_out)
+    else:
+      y = conv(x, x.shape[-1], 3, self.stride, depthwise=True, relu=False)
+      y = conv(y, mid)
+      y = conv(y, mid, 3, depthwise=True, relu=False)
+      y = conv(y, mid)
+      y = conv(y, mid, 3, depthwise=True, relu=False)
+      y = conv(y, main_out)
+    return jnp.concatenate([proj, y], axis=-1)
+
+
+class ChoiceLayer(nn.Module):
+  """All NUM_CHOICES blocks of one layer; `nn.switch` runs the selected one."""
+  out_channels: int
+  stride: int
+  block: Any  # partial(ChoiceBlock) with the shared settings
+
+  def setup(self):
+    self.choices = [self.block(self.out_channels, self.stride, c) for c in range(NUM_CHOICES)]
+
+  def __call__(self, x, choice, train: bool = False):
+    branches = [lambda mdl, y, c=c: mdl.choices[c](y, train) for c in range(NUM_CHOICES)]
+    if self.is_mutable_collection('params'):  # init: create every choice's variables
+      return jnp.stack([branch(self, x) for branch in branches])[choice]
+    return nn.switch(choice, branches, self, x)
+
+
+class SPOSNet(nn.Module):
+  """Supernet (`choices=None`, architecture passed to `__call__`) or one architecture.
+
+  As in the reference, the supernet's BatchNorms have no affine parameters (their
+  statistics are recalibrated per candidate during the search); stand-alone
+  networks have affine BatchNorms.
+  """
+  space: SearchSpace
+  num_classes: int
+  choices: Optional[Tuple[int, ...]] = None
+  dropout: float = 0.1
+  bn_momentum: float = 0.9
+  axis_name: Optional[str] = 'batch'
+  dtype: Any = jnp.float32
+
+  @property
+  def mean(self):
+    return self.space.mean
+
+  @property
+  def std(self):
+    return self.space.std
+
+  @nn.compact
+  def __call__(self, images, architecture=None, train: bool = False):
+    supernet = self.choices is None
+    norm = partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
+                   epsilon=1e-5, use_scale=not supernet, use_bias=not supernet, dtype=self.dtype,
+                   axis_name=self.axis_name if train else None)
+    block = partial(ChoiceBlock, affine=not supernet, bn_momentum=self.bn_momentum,
+                    axis_name=self.axis_name, dtype=self.dtype)
+    if supernet and architecture is None:
+      architecture = jnp.zeros((self.space.num_layers,), jnp.int32)
+    x = (images - jnp.asarray(self.space.mean)) / jnp.asarray(self.space.std)
+    x = x.astype(self.dtype)
+    s = self.space.stem_stride
+    x = nn.Conv(self.space.stem_width, (3, 3), (s, s), padding=((1, 1), (1, 1)), use_bias=False,
+                kernel_init=conv_init, dtype=self.dtype, name='stem_conv')(x)
+    x = nn.relu(norm(name='stem_bn')(x))
+    for i, (_, out_channels, stride, _) in enumerate(self.space.layers()):
+      if supernet:
+        x = ChoiceLayer(out_channels, stride, block, name=f'layer{i}')(x, architecture[i], train)
+      else:
+        x = block(out_channels, stride, self.choices[i], name=f'layer{i}')(x, train)
+    x = nn.Conv(self.space.last_width, (1, 1), use_bias=False, kernel_init=conv_init,
+                dtype=self.dtype, name='last_conv')(x)
+    x = nn.relu(norm(name='last_bn')(x))
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, name='fc')(x)
+    return x.astype(jnp.float32)
+
+
+# --- Which parameters a path uses ------------------------------------------------------
+
+_CHOICE_PATH = re.compile(r'layer(\d+)$'), re.compile(r'choices_(\d+)$')
+
+
+def _choice_of(path) -> Optional[Tuple[int, int]]:
+  """(layer, choice) if a pytree path runs through `layer{i}/choices_{c}`, else None."""
+  names = [getattr(k, 'key', None) for k in path]
+  for a, b in zip(names, names[1:]):
+    if isinstance(a, str) and isinstance(b, str):
+      layer, choice = _CHOICE_PATH[0].match(a), _CHOICE_PATH[1].match(b)
+      if layer and choice:
+        return int(layer.group(1)), int(choice.group(1))
+  return None
+
+
+def keep_unused(new_tree, old_tree, architecture):
+  """`new_tree` where the path `architecture` used the parameter, `old_tree` elsewhere.
+
+  Works on params and on optimizer states that mirror them (momentum traces), so
+  choices a step did not use get no update at all: no momentum, no weight decay.
+  """
+  def select(path, new, old):
+    where = _choice_of(path)
+    if where is None:
+      return new
+    return jnp.where(architecture[where[0]] == where[1], new, old)
+  return jax.tree_util.tree_map_with_path(select, new_tree, old_tree)
+
+
+# --- Analytic cost -------------------------------------------------------------------
+
+def _block_cost(in_ch: int, out_ch: int, stride: int, side: int, choice: int,
+                affine: bool) -> Tuple[int, int]:
+  """(multiply-adds, parameters) of one ChoiceBlock."""
+  out_side = _out_side(side, stride)
+  macs = params = 0
+
+  def conv(cin, cout, kernel, s, in_side, depthwise=False):
+    nonlocal macs, params
+    weights = (cin if depthwise else cin * cout) * kernel * kernel
+    macs += weights * _out_side(in_side, s) ** 2
+    params += weights + (2 * cout if affine else 0)
+    return _out_side(in_side, s)
+
+  if stride == 1:
+    proj_ch, main_in = in_ch - in_ch // 2, in_ch // 2  # x[..., 0::2], x[..., 1::2]
+  else:
+    proj_ch, main_in = in_ch, in_ch
+    conv(in_ch, in_ch, 3, stride, side, depthwise=True)
+    conv(in_ch, in_ch, 1, 1, out_side)
+  mid, main_out = out_ch // 2, out_ch - proj_ch
+  if choice < len(KERNELS):
+    conv(main_in, mid, 1, 1, side)
+    conv(mid, mid, KERNELS[choice], stride, side, depthwise=True)
+    conv(mid, main_out, 1, 1, out_side)
+  else:
+    conv(main_in, main_in, 3, stride, side, depthwise=True)
+    conv(main_in, mid, 1, 1, out_side)
+    conv(mid, mid, 3, 1, out_side, depthwise=True)
+    conv(mid, mid, 1, 1, out_side)
+    conv(mid, mid, 3, 1, out_side, depthwise=True)
+    conv(mid, main_out, 1, 1, out_side)
+  return macs, params
+
+
+def cost(space: SearchSpace, choices: Sequence[int], num_classes: int,
+         affine: bool = True) -> Tuple[int, int]:
+  """(FLOPs, parameters) of one architecture; FLOPs count multiply-adds of the
+  convolutions and the classifier, as the SPOS/ShuffleNet papers do."""
+  choices = space.check(choices)
+  stem_side = _out_side(space.image_size, space.stem_stride)
+  macs = 3 * space.stem_width * 9 * stem_side ** 2
+  params = 3 * space.stem_width * 9 + (2 * space.stem_width if affine else 0)
+  side = stem_side
+  for (in_ch, out_ch, stride, side), choice in zip(space.layers(), choices):
+    m, p = _block_cost(in_ch, out_ch, stride, side, choice, affine)
+    macs, params = macs + m, params + p
+  last_side, last_in = _out_side(side, stride), space.stage_widths[-1]
+  macs += last_in * space.last_width * last_side ** 2 + space.last_width * num_classes
+  params += (last_in * space.last_width + (2 * space.last_width if affine else 0)
+             + space.last_width * num_classes)
+  return macs, params
+

@@ -1,0 +1,1 @@
+"""Architecture search: SPOS (supernet + evolution); DARTS and ProxylessNAS to come."""

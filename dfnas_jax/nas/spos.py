@@ -1,0 +1,225 @@
+"""Stage `spos`: data-free Single Path One-Shot NAS, end to end.
+
+  synthesize (or reuse)  ->  split: supernet-train / search-validation
+  -> supernet training (one uniformly sampled path per step, distillation)
+  -> evolutionary search (BN recalibration + held-out accuracy per candidate)
+  -> retrain the best architecture from scratch -> evaluate on real data
+
+Each phase has its own directory under WORKDIR and resumes from it: the synthetic
+shards, the supernet's orbax checkpoints, the search's per-generation state and
+the retrain checkpoints. A rerun after a kill continues where it stopped.
+"""
+import functools
+import os
+import time
+from typing import Any, Dict, Tuple
+
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from dfnas_jax import models, teachers
+from dfnas_jax import workdir as wd
+from dfnas_jax.data import input_pipeline as ip
+from dfnas_jax.evaluation import retrain
+from dfnas_jax.models import spos as spos_lib
+from dfnas_jax.nas import evolution
+from dfnas_jax.synthesis import synthesize
+from dfnas_jax.train import steps, trainer
+
+Arch = Tuple[int, ...]
+
+
+class PathSampler:
+  """Uniform paths, redrawn until their FLOPs fall in [flops_min, flops_max] (MFLOPs)."""
+
+  def __init__(self, space: spos_lib.SearchSpace, num_classes: int, flops_min: float,
+               flops_max: float, max_tries: int = 10000):
+    self.space, self.num_classes = space, num_classes
+    self.flops_min, self.flops_max, self.max_tries = flops_min, flops_max, max_tries
+
+  def mflops(self, arch: Arch) -> float:
+    return spos_lib.cost(self.space, arch, self.num_classes)[0] / 1e6
+
+  def valid(self, arch: Arch) -> bool:
+    f = self.mflops(arch)
+    return f >= self.flops_min and (self.flops_max <= 0 or f <= self.flops_max)
+
+  def __call__(self, rng: np.random.Generator) -> Arch:
+    for _ in range(self.max_tries):
+      arch = tuple(int(c) for c in rng.integers(spos_lib.NUM_CHOICES, size=self.space.num_layers))
+      if self.valid(arch):
+        return arch
+    uniform = [self.mflops((c,) * self.space.num_layers) for c in range(spos_lib.NUM_CHOICES)]
+    raise ValueError(f'No path in {self.max_tries} uniform draws has FLOPs in '
+                     f'[{self.flops_min}, {self.flops_max}] M; widen the band (paths using one '
+                     f'choice everywhere cost {", ".join(f"{u:.2f}" for u in uniform)} M).')
+
+
+class CandidateEvaluator:
+  """Scores a path of a trained supernet without recompiling per candidate.
+
+  BatchNorm statistics are recomputed for the path as the average of the batch
+  statistics of `calibration` batches (the reference resets them and takes a
+  cumulative average), then accuracy is measured on the held-out batches.
+  """
+
+  def __init__(self, model: spos_lib.SPOSNet, params, calibration, held_out):
+    self.rparams = steps.replicate(params)
+    self.calibration, self.held_out = calibration, held_out
+    calibrating = model.clone(bn_momentum=0.0)  # running stats := this batch's stats
+
+    def batch_stats(params, batch):
+      _, updates = calibrating.apply(
+          {'params': params, 'batch_stats': self._zero_stats}, batch['image'],
+          architecture=batch['arch'], train=True, mutable=['batch_stats'],
+          rngs={'dropout': jax.random.PRNGKey(0)})
+      return updates['batch_stats']
+
+    self._zero_stats = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, model.space.image_size,
+                                                             model.space.image_size, 3)))
+    )['batch_stats']
+    self._zero_stats = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                              self._zero_stats)
+    self.p_batch_stats = jax.pmap(batch_stats, axis_name=steps.AXIS)
+    self.p_eval = steps.pmap_eval_step(model.apply)
+
+  def __call__(self, arch: Arch) -> float:
+    n_dev = jax.local_device_count()
+    arch = np.tile(np.asarray(arch, np.int32), (n_dev, 1))
+    total = None
+    for batch in self.calibration:
+      stats = self.p_batch_stats(self.rparams, dict(batch, arch=arch))
+      total = stats if total is None else jax.tree_util.tree_map(jnp.add, total, stats)
+    stats = jax.tree_util.tree_map(lambda s: s / len(self.calibration), total)
+    variables = {'params': self.rparams, 'batch_stats': stats}
+    metrics = None
+    for batch in self.held_out:
+      m = flax.jax_utils.unreplicate(self.p_eval(variables, dict(batch, arch=arch)))
+      metrics = m if metrics is None else metrics.merge(m)
+    return float(metrics.compute()['accuracy'])
+
+
+def synthetic_data(config, workdir: str) -> Tuple[str, Dict[str, Any]]:
+  """The dataset to search on: configured, or synthesized (and reused) under WORKDIR."""
+  if config.dataset:
+    return config.dataset, {'dataset': config.dataset, 'synthesized': False}
+  synth_dir = os.path.join(workdir, 'synthesize')
+  summary_path = os.path.join(synth_dir, 'summary.json')
+  if os.path.exists(summary_path):
+    logging.info('Reusing the synthetic dataset in %s.', synth_dir)
+    summary = wd.read_json(summary_path)
+  else:
+    summary = synthesize.run(config.synthesis, synth_dir)
+  return summary['dataset_dir'], {'dataset': summary['dataset_dir'], 'synthesized': True,
+                                 'num_images': summary['num_images']}
+
+
+def split_strings(config, num_classes: int) -> Tuple[str, str]:
+  """(supernet-train, search-validation) splits of the searched dataset.
+
+  Synthetic datasets are written in blocks of `num_classes` images with one of
+  each target class, so the first `val_per_class * num_classes` images hold
+  `val_per_class` images of every class.
+  """
+  if config.train_split or config.val_split:
+    if not (config.train_split and config.val_split):
+      raise ValueError('Set both train_split and val_split, or neither (then the first '
+                       'val_per_class images of each class validate).')
+    return config.train_split, config.val_split
+  n = config.val_per_class * num_classes
+  return f'train[{n}:]', f'train[:{n}]'
+
+
+def run(config: ml_collections.ConfigDict, workdir: str):
+  start = time.time()
+  phase_times = {}
+  dataset, data_info = synthetic_data(config, workdir)
+  phase_times['data_s'] = time.time() - start
+
+  probe = ip.get_source(dataset, 'train', config.data_dir, config.download)
+  train_split, val_split = split_strings(config, probe.num_classes)
+  train_source = ip.get_source(dataset, train_split, config.data_dir, config.download)
+  val_source = ip.get_source(dataset, val_split, config.data_dir, config.download)
+  num_classes = train_source.num_classes
+  space = spos_lib.SPACES[config.space]
+  if space.image_size != config.supernet.image_size:
+    raise ValueError(f'Space {config.space!r} is for {space.image_size} px inputs but '
+                     f'supernet.image_size is {config.supernet.image_size}.')
+  sampler = PathSampler(space, num_classes, config.flops_min, config.flops_max)
+
+  teacher = None
+  if config.supernet.loss == 'distillation' and config.soft_labels == 'teacher':
+    module, variables, _ = teachers.load(config.teacher, config.teacher_checkpoint or None)
+    teacher = (module, variables)
+
+  # Supernet: the path of step s depends only on (seed, s), on every host.
+  t = time.time()
+  model = models.build_model(config.space, num_classes, dropout=config.dropout)
+  n_dev = jax.local_device_count()
+
+  def add_path(step, batch):
+    arch = sampler(np.random.default_rng([config.seed, step]))
+    return dict(batch, arch=np.tile(np.asarray(arch, np.int32), (n_dev, 1)))
+
+  supernet = trainer.fit(config.supernet, os.path.join(workdir, 'supernet'), model,
+                         train_source, None, teacher, add_to_batch=add_path)
+  phase_times['supernet_s'] = time.time() - t
+
+  # Search.
+  t = time.time()
+  s = config.supernet
+  batches = ip.train_batches(train_source, config.calibration_batch_size, s.image_size,
+                             s.augment, config.seed + 1)
+  calibration = [next(batches) for _ in range(config.calibration_batches)]
+  held_out = list(ip.eval_batches(val_source, config.calibration_batch_size, s.image_size,
+                                  s.augment))
+  evaluator = CandidateEvaluator(model, supernet['state'].params, calibration, held_out)
+
+  def searchable(arch):  # the reference searches under a FLOPs limit, not the band
+    return config.search_flops_max <= 0 or sampler.mflops(arch) <= config.search_flops_max
+
+  search = evolution.EvolutionarySearch(
+      evolution.EvolutionSettings(**config.search.to_dict()), space.num_layers,
+      spos_lib.NUM_CHOICES, valid=searchable, score=evaluator, sample=sampler,
+      seed=config.seed, state_path=os.path.join(workdir, 'search', 'state.json'))
+  best, best_accuracy = search.run()
+  phase_times['search_s'] = time.time() - t
+  best_name = spos_lib.architecture_name(config.space, best)
+  flops, params = spos_lib.cost(space, best, num_classes)
+  logging.info('Best architecture %s: %.2f MFLOPs, %d params, search accuracy %.4f',
+               best_name, flops / 1e6, params, best_accuracy)
+
+  # Retrain from scratch on the same data, evaluate on real data if configured.
+  t = time.time()
+  rc = ml_collections.ConfigDict(config.retrain.to_dict())
+  rc.architecture = best_name
+  rc.dataset, rc.data_dir, rc.train_split = dataset, config.data_dir, 'train'
+  rc.teacher, rc.teacher_checkpoint = config.teacher, config.teacher_checkpoint
+  rc.soft_labels, rc.loss = config.soft_labels, config.supernet.loss
+  rc.eval_dataset, rc.eval_data_dir, rc.eval_split = (config.eval_dataset, config.eval_data_dir,
+                                                      config.eval_split)
+  final = retrain.run(rc, os.path.join(workdir, 'retrain'))
+  phase_times['retrain_s'] = time.time() - t
+
+  summary = {
+      'stage': 'spos', 'space': config.space, 'best_architecture': best_name,
+      'best_choices': list(best), 'best_choice_names': [spos_lib.CHOICES[c] for c in best],
+      'flops_m': flops / 1e6, 'params': params,
+      'search_val_accuracy': best_accuracy, 'search_val_split': val_split,
+      'supernet_train_split': train_split, **data_info,
+      'final_accuracy': final['eval_accuracy'],
+      'final_eval_data': (f'{config.eval_dataset} {config.eval_split}'
+                          if config.eval_dataset else None),
+      'retrain_model_dir': final['model_dir'],
+      'search_history': search.history,
+      'wall_time_s': {k: round(v, 1) for k, v in phase_times.items()},
+  }
+  summary['wall_time_s']['total_s'] = round(time.time() - start, 1)
+  wd.write_summary(workdir, summary)
+  return summary
+

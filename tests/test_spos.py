@@ -1,0 +1,215 @@
+"""SPOS: search space cost, supernet training semantics, candidate scoring, evolution, stage."""
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dfnas_jax import models, teachers
+from dfnas_jax.models import spos
+from dfnas_jax.nas import evolution
+from dfnas_jax.nas import spos as spos_stage
+from dfnas_jax.train import state as state_lib
+from dfnas_jax.train import steps
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = spos.SPACES['spos_tiny']
+
+
+def test_block_cost_matches_hand_computation():
+  # Stride-1 ShuffleNet 3x3 block, 8 -> 16 channels at 32x32: the even half (4 channels)
+  # passes through; main branch 1x1 4->8, depthwise 3x3 on 8, 1x1 8->12.
+  macs = (4 * 8 + 8 * 9 + 8 * 12) * 32 * 32
+  params = (4 * 8 + 8 * 9 + 8 * 12) + 2 * (8 + 8 + 12)  # weights + affine BN
+  assert spos._block_cost(8, 16, 1, 32, 0, affine=True) == (macs, params) == (204800, 256)
+
+
+def _counted_macs(model, variables, size):
+  """Multiply-adds of every Conv/DepthwiseConv/Dense the model really runs."""
+  total = []
+
+  def count(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == '__call__' and isinstance(
+        context.module, (nn.Conv, nn.Dense, spos.DepthwiseConv)):
+      kernel = context.module.variables['params']['kernel']
+      total.append(kernel.size * (out.shape[1] * out.shape[2] if out.ndim == 4 else 1))
+    return out
+
+  with nn.intercept_methods(count):
+    model.apply(variables, jnp.zeros((1, size, size, 3)))
+  return sum(total)
+
+
+@pytest.mark.parametrize('space_name', ['spos_tiny', 'spos_cifar'])
+def test_analytic_cost_equals_the_network(space_name):
+  space = spos.SPACES[space_name]
+  rng = np.random.default_rng(0)
+  for _ in range(2):
+    arch = tuple(int(c) for c in rng.integers(0, 4, space.num_layers))
+    model = models.build_model(spos.architecture_name(space_name, arch), 10)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    macs, params = spos.cost(space, arch, 10)
+    assert params == sum(x.size for x in jax.tree_util.tree_leaves(variables['params']))
+    assert macs == _counted_macs(model, variables, 32)
+
+
+def test_reference_space_matches_the_papers_flops_band():
+  # SPOS samples 290-360 MFLOPs paths; the uniform architectures span about that range.
+  costs = [spos.cost(spos.SPACES['spos_imagenet'], (c,) * 20, 1000)[0] / 1e6 for c in range(4)]
+  assert 285 < min(costs) < 300 and 350 < max(costs) < 365
+
+
+def test_architecture_names_round_trip_and_reject_bad_ones():
+  name = spos.architecture_name('spos_tiny', (3, 0, 2, 1))
+  assert name == 'spos_tiny:3021' and spos.parse_name(name) == ('spos_tiny', (3, 0, 2, 1))
+  assert models.build_model(name, 10).choices == (3, 0, 2, 1)
+  with pytest.raises(ValueError, match='4 choices'):
+    spos.parse_name('spos_tiny:30')
+  with pytest.raises(ValueError, match='not a SPOS architecture'):
+    spos.parse_name('spos_huge:0000')
+
+
+def test_path_sampler_keeps_to_the_flops_band():
+  sampler = spos_stage.PathSampler(TINY, 10, 2.1, 2.3)
+  rng = np.random.default_rng(0)
+  assert all(2.1 <= sampler.mflops(sampler(rng)) <= 2.3 for _ in range(20))
+  with pytest.raises(ValueError, match=r'\[50.0, 60.0\] M'):
+    spos_stage.PathSampler(TINY, 10, 50.0, 60.0, max_tries=50)(rng)
+
+
+def _leaf(tree, *path):
+  for key in path:
+    tree = tree[key]
+  return np.asarray(tree)
+
+
+def test_supernet_step_compiles_once_and_leaves_unused_choices_untouched():
+  model = models.build_model('spos_tiny', 10)
+  traces = []
+
+  def apply_fn(*args, **kwargs):
+    traces.append(1)  # runs once per trace, not per step
+    return model.apply(*args, **kwargs)
+
+  lr = state_lib.learning_rate_schedule(0.1, 10, 0, 'linear')
+  tx = state_lib.sgd(lr, momentum=0.9, weight_decay=0.1, nesterov=False)
+  state = state_lib.create_train_state(model, jax.random.PRNGKey(0), 32, tx)
+  state = steps.replicate(state.replace(apply_fn=apply_fn))
+  p_step = steps.pmap_train_step(learning_rate_fn=lr)
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.random((1, 4, 32, 32, 3), np.float32),
+           'label': rng.integers(0, 10, (1, 4)).astype(np.int32)}
+
+  def step(state, arch):
+    return p_step(state, dict(batch, arch=np.asarray([arch], np.int32)))[0]
+
+  initial = jax.device_get(state)
+  state = step(state, (0, 0, 0, 0))
+  after_a = jax.device_get(state)
+  state = step(state, (1, 1, 1, 1))  # choice 0 now has momentum and decay, yet is not used
+  after_b = jax.device_get(state)
+  step(state, (3, 2, 1, 0))
+  assert len(traces) == 1
+
+  kernel = ('layer1', 'choices_{}', 'conv0', 'kernel')
+  param = lambda s, c: _leaf(s.params, *(k.format(c) for k in kernel))[0]
+  trace = lambda s, c: _leaf(s.opt_state[1][0].trace, *(k.format(c) for k in kernel))[0]
+  assert not np.array_equal(param(initial, 0), param(after_a, 0))
+  np.testing.assert_array_equal(param(after_a, 0), param(after_b, 0))
+  np.testing.assert_array_equal(trace(after_a, 0), trace(after_b, 0))
+  assert not np.array_equal(param(after_a, 1), param(after_b, 1))
+  for c in (2, 3):
+    np.testing.assert_array_equal(param(initial, c), param(after_b, c))
+  # Shared layers are trained by every path.
+  assert not np.array_equal(_leaf(after_a.params, 'fc', 'kernel'),
+                            _leaf(after_b.params, 'fc', 'kernel'))
+
+
+def test_candidate_scores_recalibrate_bn_and_do_not_recompile():
+  model = models.build_model('spos_tiny', 10)
+  variables = state_lib.init_variables(model, jax.random.PRNGKey(0), 32)
+  rng = np.random.default_rng(0)
+  images = rng.random((1, 8, 32, 32, 3), np.float32)
+  calibration = [{'image': images, 'label': np.zeros((1, 8), np.int32)}]
+  held_out = [{'image': images, 'label': np.arange(8, dtype=np.int32)[None] % 10,
+               'mask': np.ones((1, 8), np.float32)}]
+  evaluator = spos_stage.CandidateEvaluator(model, variables['params'], calibration, held_out)
+  scores = [evaluator((0, 1, 2, 3))]
+  compiles = []
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, *_, **__: compiles.append(event)
+      if event == '/jax/core/compile/backend_compile_duration' else None)
+  scores += [evaluator((3, 3, 3, 3)), evaluator((0, 1, 2, 3))]
+  assert not compiles  # a new path reuses the compiled calibration and eval steps
+  assert scores[0] == scores[2] and all(0.0 <= s <= 1.0 for s in scores)
+  # The recalibrated statistics are the calibration batch's own.
+  stats = evaluator.p_batch_stats(evaluator.rparams, dict(calibration[0],
+                                                           arch=np.zeros((1, 4), np.int32)))
+  x = (images[0] - np.asarray(TINY.mean)) / np.asarray(TINY.std)
+  stem = jax.lax.conv_general_dilated(x, variables['params']['stem_conv']['kernel'], (1, 1),
+                                      ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(_leaf(stats, 'stem_bn', 'mean')[0], np.mean(stem, (0, 1, 2)),
+                             rtol=1e-4, atol=1e-5)
+
+
+def _search(tmp_path, generations, score_calls):
+  def score(arch):
+    score_calls.append(arch)
+    return -float(np.sum((np.asarray(arch) - np.array([3, 1, 2, 0, 1, 3])) ** 2))
+
+  settings = evolution.EvolutionSettings(population=10, generations=generations, top_k=3,
+                                         num_mutations=4, mutation_prob=0.3, num_crossovers=3)
+  sample = lambda rng: tuple(int(c) for c in rng.integers(0, 4, 6))
+  return evolution.EvolutionarySearch(settings, 6, 4, valid=lambda a: a[0] != 0, score=score,
+                                      sample=sample, seed=1,
+                                      state_path=str(tmp_path / 'state.json'))
+
+
+def test_evolution_improves_respects_constraints_and_resumes(tmp_path):
+  calls = []
+  best, best_score = _search(tmp_path / 'full', 8, calls).run()
+  assert all(a[0] != 0 for a in calls) and len(set(calls)) == len(calls)  # no re-scoring
+  history = json.loads((tmp_path / 'full' / 'state.json').read_text())['history']
+  assert history[-1]['best_score'] >= history[0]['best_score'] and best_score > -3
+
+  interrupted = []
+  _search(tmp_path / 'resumed', 3, interrupted).run()  # "killed" after generation 3
+  resumed = []
+  best_resumed, _ = _search(tmp_path / 'resumed', 8, resumed).run()
+  assert best_resumed == best and interrupted + resumed == calls
+
+
+def test_spos_smoke_end_to_end_and_rerun_resumes(data_dir, tmp_path):
+  args = [f'--config={REPO}/configs/spos.py:smoke', f'--workdir={tmp_path}/spos',
+          '--config.eval_dataset=cifar10_jpeg', f'--config.eval_data_dir={data_dir}',
+          '--config.eval_split=train[45000:45064]', '--config.download=False']
+  run = lambda: subprocess.run([sys.executable, '-m', 'dfnas_jax.main', *args], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=900,
+                               env=dict(os.environ, PYTHONPATH=REPO))
+  out = run()
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads((tmp_path / 'spos' / 'summary.json').read_text())
+  arch = tuple(summary['best_choices'])
+  assert summary['best_architecture'] == spos.architecture_name('spos_tiny', arch)
+  assert spos.cost(TINY, arch, 10)[0] / 1e6 == pytest.approx(summary['flops_m'])
+  assert summary['flops_m'] <= 2.3 and summary['num_images'] == 32
+  assert summary['search_val_split'] == 'train[:10]' and 0 <= summary['final_accuracy'] <= 1
+  assert set(summary['wall_time_s']) == {'data_s', 'supernet_s', 'search_s', 'retrain_s',
+                                         'total_s'}
+  assert len(summary['search_history']) == 2
+  # The retrained network is a loadable model directory (evaluate stage input).
+  module, _, spec = teachers.load(summary['retrain_model_dir'])
+  assert spec.architecture == summary['best_architecture'] and module.choices == arch
+
+  out = run()  # everything is reused: same result, nothing trained again
+  assert out.returncode == 0, out.stderr[-3000:]
+  again = json.loads((tmp_path / 'spos' / 'summary.json').read_text())
+  assert again['best_architecture'] == summary['best_architecture']
+  assert again['final_accuracy'] == summary['final_accuracy']
+  assert 'Reusing the synthetic dataset' in out.stderr
