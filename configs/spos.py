@@ -9,7 +9,9 @@ Real-data evaluation of the retrained architecture, offline copy of CIFAR-10:
   --config.eval_split='train[45000:]'
 Search on real data with hard labels instead (the comparison experiments):
   --config.dataset=cifar10_jpeg --config.data_dir=... --config.train_split='train[:40000]' \
-  --config.val_split='train[40000:45000]' --config.supernet.loss=cross_entropy
+  --config.val_split='train[40000:45000]' --config.supernet.loss=cross_entropy \
+  --config.supernet.augment=cifar --config.retrain.augment=cifar
+(the retrain stage then trains on train_split + val_split with hard labels).
 """
 import ml_collections
 from ml_collections import config_dict

@@ -198,7 +198,9 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   t = time.time()
   rc = ml_collections.ConfigDict(config.retrain.to_dict())
   rc.architecture = best_name
-  rc.dataset, rc.data_dir, rc.train_split = dataset, config.data_dir, 'train'
+  rc.dataset, rc.data_dir = dataset, config.data_dir
+  # All the searched data: the whole synthetic set, or both configured real splits.
+  rc.train_split = f'{train_split}+{val_split}' if config.train_split else 'train'
   rc.teacher, rc.teacher_checkpoint = config.teacher, config.teacher_checkpoint
   rc.soft_labels, rc.loss = config.soft_labels, config.supernet.loss
   rc.eval_dataset, rc.eval_data_dir, rc.eval_split = (config.eval_dataset, config.eval_data_dir,
