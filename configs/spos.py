@@ -1,6 +1,6 @@
 """Data-free SPOS: synthesize -> supernet -> evolutionary search -> retrain -> evaluate.
 
-  python -m dfnas_jax.main --config=configs/spos.py        # ~20 min on 2 CPU cores
+  python -m dfnas_jax.main --config=configs/spos.py        # ~18 min on 2 CPU cores
   python -m dfnas_jax.main --config=configs/spos.py:smoke  # CI, a couple of minutes
   python -m dfnas_jax.main --config=configs/spos.py:imagenet --config.teacher_checkpoint=r50.pth
 
