@@ -139,7 +139,7 @@ def test_candidate_scores_recalibrate_bn_and_do_not_recompile():
   calibration = [{'image': images, 'label': np.zeros((1, 8), np.int32)}]
   held_out = [{'image': images, 'label': np.arange(8, dtype=np.int32)[None] % 10,
                'mask': np.ones((1, 8), np.float32)}]
-  evaluator = spos_stage.CandidateEvaluator(model, variables['params'], calibration, held_out)
+  evaluator = spos_stage.CandidateEvaluator(model, variables, calibration, held_out)
   scores = [evaluator((0, 1, 2, 3))]
   compiles = []
   jax.monitoring.register_event_duration_secs_listener(
@@ -149,7 +149,7 @@ def test_candidate_scores_recalibrate_bn_and_do_not_recompile():
   assert not compiles  # a new path reuses the compiled calibration and eval steps
   assert scores[0] == scores[2] and all(0.0 <= s <= 1.0 for s in scores)
   # The recalibrated statistics are the calibration batch's own.
-  stats = evaluator.p_batch_stats(evaluator.rparams, dict(calibration[0],
+  stats = evaluator.p_batch_stats(evaluator.rvariables, dict(calibration[0],
                                                            arch=np.zeros((1, 4), np.int32)))
   x = (images[0] - np.asarray(TINY.mean)) / np.asarray(TINY.std)
   stem = jax.lax.conv_general_dilated(x, variables['params']['stem_conv']['kernel'], (1, 1),

@@ -18,6 +18,17 @@ from dfnas_jax.train import trainer
 SOFT_LABELS = ('stored', 'teacher')
 
 
+def distillation_teacher(loss: str, config):
+  """(module, variables) when soft labels are the teacher's on each batch, else None.
+
+  Uses config.soft_labels, config.teacher and config.teacher_checkpoint.
+  """
+  if loss == 'distillation' and config.soft_labels == 'teacher':
+    module, variables, _ = teachers.load(config.teacher, config.teacher_checkpoint or None)
+    return module, variables
+  return None
+
+
 def run(config: ml_collections.ConfigDict, workdir: str):
   if config.soft_labels not in SOFT_LABELS:
     raise ValueError(f'soft_labels must be one of {SOFT_LABELS}, got {config.soft_labels!r}')
@@ -28,10 +39,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   if eval_source is not None and eval_source.num_classes != train_source.num_classes:
     raise ValueError(f'Train data has {train_source.num_classes} classes but eval dataset '
                      f'{config.eval_dataset!r} has {eval_source.num_classes}.')
-  teacher = None
-  if config.loss == 'distillation' and config.soft_labels == 'teacher':
-    module, variables, _ = teachers.load(config.teacher, config.teacher_checkpoint or None)
-    teacher = (module, variables)
+  teacher = distillation_teacher(config.loss, config)
   spec = teachers.Teacher(
       config.name or config.architecture, config.architecture, train_source.num_classes,
       config.image_size, weights=None,

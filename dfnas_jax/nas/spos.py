@@ -9,19 +9,17 @@ Each phase has its own directory under WORKDIR and resumes from it: the syntheti
 shards, the supernet's orbax checkpoints, the search's per-generation state and
 the retrain checkpoints. A rerun after a kill continues where it stopped.
 """
-import functools
 import os
 import time
 from typing import Any, Dict, Tuple
 
-import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
-from dfnas_jax import models, teachers
+from dfnas_jax import models
 from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.evaluation import retrain
@@ -30,7 +28,7 @@ from dfnas_jax.nas import evolution
 from dfnas_jax.synthesis import synthesize
 from dfnas_jax.train import steps, trainer
 
-Arch = Tuple[int, ...]
+Arch = evolution.Arch
 
 
 class PathSampler:
@@ -67,24 +65,17 @@ class CandidateEvaluator:
   cumulative average), then accuracy is measured on the held-out batches.
   """
 
-  def __init__(self, model: spos_lib.SPOSNet, params, calibration, held_out):
-    self.rparams = steps.replicate(params)
+  def __init__(self, model: spos_lib.SPOSNet, variables, calibration, held_out):
+    self.rvariables = steps.replicate(variables)
     self.calibration, self.held_out = calibration, held_out
     calibrating = model.clone(bn_momentum=0.0)  # running stats := this batch's stats
 
-    def batch_stats(params, batch):
+    def batch_stats(variables, batch):
       _, updates = calibrating.apply(
-          {'params': params, 'batch_stats': self._zero_stats}, batch['image'],
-          architecture=batch['arch'], train=True, mutable=['batch_stats'],
-          rngs={'dropout': jax.random.PRNGKey(0)})
+          variables, batch['image'], architecture=batch['arch'], train=True,
+          mutable=['batch_stats'], rngs={'dropout': jax.random.PRNGKey(0)})
       return updates['batch_stats']
 
-    self._zero_stats = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, model.space.image_size,
-                                                             model.space.image_size, 3)))
-    )['batch_stats']
-    self._zero_stats = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                              self._zero_stats)
     self.p_batch_stats = jax.pmap(batch_stats, axis_name=steps.AXIS)
     self.p_eval = steps.pmap_eval_step(model.apply)
 
@@ -93,15 +84,12 @@ class CandidateEvaluator:
     arch = np.tile(np.asarray(arch, np.int32), (n_dev, 1))
     total = None
     for batch in self.calibration:
-      stats = self.p_batch_stats(self.rparams, dict(batch, arch=arch))
+      stats = self.p_batch_stats(self.rvariables, dict(batch, arch=arch))
       total = stats if total is None else jax.tree_util.tree_map(jnp.add, total, stats)
     stats = jax.tree_util.tree_map(lambda s: s / len(self.calibration), total)
-    variables = {'params': self.rparams, 'batch_stats': stats}
-    metrics = None
-    for batch in self.held_out:
-      m = flax.jax_utils.unreplicate(self.p_eval(variables, dict(batch, arch=arch)))
-      metrics = m if metrics is None else metrics.merge(m)
-    return float(metrics.compute()['accuracy'])
+    variables = {'params': self.rvariables['params'], 'batch_stats': stats}
+    held_out = (dict(batch, arch=arch) for batch in self.held_out)
+    return trainer.evaluate_batches(variables, held_out, self.p_eval)['accuracy']
 
 
 def synthetic_data(config, workdir: str) -> Tuple[str, Dict[str, Any]]:
@@ -152,10 +140,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                      f'supernet.image_size is {config.supernet.image_size}.')
   sampler = PathSampler(space, num_classes, config.flops_min, config.flops_max)
 
-  teacher = None
-  if config.supernet.loss == 'distillation' and config.soft_labels == 'teacher':
-    module, variables, _ = teachers.load(config.teacher, config.teacher_checkpoint or None)
-    teacher = (module, variables)
+  teacher = retrain.distillation_teacher(config.supernet.loss, config)
 
   # Supernet: the path of step s depends only on (seed, s), on every host.
   t = time.time()
@@ -178,7 +163,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   calibration = [next(batches) for _ in range(config.calibration_batches)]
   held_out = list(ip.eval_batches(val_source, config.calibration_batch_size, s.image_size,
                                   s.augment))
-  evaluator = CandidateEvaluator(model, supernet['state'].params, calibration, held_out)
+  evaluator = CandidateEvaluator(model, supernet['state'].variables, calibration, held_out)
 
   def searchable(arch):  # the reference searches under a FLOPs limit, not the band
     return config.search_flops_max <= 0 or sampler.mflops(arch) <= config.search_flops_max

@@ -10,7 +10,6 @@ import ml_collections
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.train import checkpointing
 from dfnas_jax.train import state as state_lib
@@ -20,9 +19,14 @@ from dfnas_jax.train import steps
 def evaluate(variables, source: ip.DataSource, batch_size: int, image_size: int,
              augment: str, apply_fn=None, p_eval_step=None) -> Dict[str, float]:
   """Loss and accuracy of replicated `variables` over a whole split (padding masked out)."""
-  p_eval_step = p_eval_step or steps.pmap_eval_step(apply_fn)
+  return evaluate_batches(variables, ip.eval_batches(source, batch_size, image_size, augment),
+                          p_eval_step or steps.pmap_eval_step(apply_fn))
+
+
+def evaluate_batches(variables, batches, p_eval_step) -> Dict[str, float]:
+  """Loss and accuracy of replicated `variables` over padded, masked eval batches."""
   total = None
-  for batch in ip.eval_batches(source, batch_size, image_size, augment):
+  for batch in batches:
     m = flax.jax_utils.unreplicate(p_eval_step(variables, batch))
     total = m if total is None else total.merge(m)
   return {k: float(v) for k, v in total.compute().items()}
