@@ -20,6 +20,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.image_size = 32
   c.augment = 'cifar'                   # cifar | imagenet | none
 
+  c.init_from = ''                      # teacher name or model dir to fine-tune; '' = scratch
   c.seed = 0
   c.batch_size = 128
   c.num_epochs = 30.0

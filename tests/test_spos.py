@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dfnas_jax import models, teachers
-from dfnas_jax.models import spos
+from dfnas_jax.models import layers, spos
 from dfnas_jax.nas import evolution
 from dfnas_jax.nas import spos as spos_stage
 from dfnas_jax.train import state as state_lib
@@ -36,7 +36,7 @@ def _counted_macs(model, variables, size):
   def count(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     if context.method_name == '__call__' and isinstance(
-        context.module, (nn.Conv, nn.Dense, spos.DepthwiseConv)):
+        context.module, (nn.Conv, nn.Dense, layers.DepthwiseConv)):
       kernel = context.module.variables['params']['kernel']
       total.append(kernel.size * (out.shape[1] * out.shape[2] if out.ndim == 4 else 1))
     return out

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dfnas_jax import models
+from dfnas_jax import models, teachers
 from dfnas_jax.data import input_pipeline as ip
-from dfnas_jax.train import checkpointing, state as state_lib, steps, trainer
+from dfnas_jax.train import state as state_lib, steps, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,11 +98,28 @@ def test_checkpoint_of_another_model_is_a_clear_error(train_config, tmp_path):
     trainer.fit(config, str(tmp_path), models.build_model('cifar_resnet20', 10), train_source, None)
 
 
+def test_teacher_stage_fine_tunes_from_init_from(train_config, tmp_path):
+  from dfnas_jax.teachers import train as teacher_train
+  config = train_config
+  config.num_train_steps, config.eval_split = 3, ''
+  first = teacher_train.run(config, str(tmp_path / 'first'))
+  # With a zero learning rate, fine-tuning must return exactly the initial parameters
+  # (a random initialization would not).
+  config.init_from, config.learning_rate = first['model_dir'], 0.0
+  tuned = teacher_train.run(config, str(tmp_path / 'tuned'))
+  _, start, _ = teachers.load(first['model_dir'])
+  _, end, _ = teachers.load(tuned['model_dir'])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, end['params'], start['params'])
+  config.architecture = 'cifar_resnet20'
+  with pytest.raises(ValueError, match=r'init_from .* do not match the model'):
+    teacher_train.run(config, str(tmp_path / 'wrong'))
+
+
 def test_two_devices_match_one_device():
   """pmean-ed gradients and cross-replica BatchNorm: 2 devices x 8 == 1 device x 16."""
   script = textwrap.dedent('''
       import functools, jax, numpy as np, flax.jax_utils
-      from dfnas_jax import models
+      from dfnas_jax import models, teachers
       from dfnas_jax.train import state as state_lib, steps
       assert jax.local_device_count() == 2
       model = models.build_model('cifar_resnet8', 10)

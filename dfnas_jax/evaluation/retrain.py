@@ -10,7 +10,7 @@ import os
 import jax
 import ml_collections
 
-from dfnas_jax import models, teachers
+from dfnas_jax import teachers
 from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.train import trainer

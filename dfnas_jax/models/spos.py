@@ -19,14 +19,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dfnas_jax.models.layers import DepthwiseConv, conv_init, out_side
 from dfnas_jax.models.resnet import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 
 CHOICES = ('shufflenet_3x3', 'shufflenet_5x5', 'shufflenet_7x7', 'xception')
 NUM_CHOICES = len(CHOICES)
 KERNELS = (3, 5, 7)
-
-conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-
 
 @dataclasses.dataclass(frozen=True)
 class SearchSpace:
@@ -47,12 +45,12 @@ class SearchSpace:
 
   def layers(self) -> Iterator[Tuple[int, int, int, int]]:
     """(in_channels, out_channels, stride, input side) of each choice layer."""
-    channels, side = self.stem_width, _out_side(self.image_size, self.stem_stride)
+    channels, side = self.stem_width, out_side(self.image_size, self.stem_stride)
     for repeats, width, stride in zip(self.stage_repeats, self.stage_widths, self.stage_strides):
       for i in range(repeats):
         s = stride if i == 0 else 1
         yield channels, width, s, side
-        channels, side = width, _out_side(side, s)
+        channels, side = width, out_side(side, s)
 
   def check(self, choices: Sequence[int]) -> Tuple[int, ...]:
     choices = tuple(int(c) for c in choices)
@@ -60,10 +58,6 @@ class SearchSpace:
       raise ValueError(f'An architecture of this space is {self.num_layers} choices in '
                        f'[0, {NUM_CHOICES}), got {choices}')
     return choices
-
-
-def _out_side(side: int, stride: int) -> int:
-  return -(-side // stride)
 
 
 SPACES = {
@@ -91,42 +85,6 @@ def parse_name(name: str) -> Tuple[str, Optional[Tuple[int, ...]]]:
                      'optionally followed by ":" and one digit per layer.')
   space, digits = match.groups()
   return space, SPACES[space].check(digits) if digits else None
-
-
-def depthwise_conv(x, kernel, stride: int):
-  """Depthwise 'same' convolution (PyTorch padding k // 2), kernel [k, k, 1, C].
-
-  XLA:CPU runs grouped convolutions about 40x slower than a sum of k*k shifted
-  multiplies (forward, measured at 64x32x32x32, k=7: 0.19-0.31 s vs 0.005-0.008 s;
-  forward+backward 0.64-0.79 s vs 0.23 s), so CPU uses the sum; accelerators use
-  the convolution.
-  """
-  k, pad = kernel.shape[0], kernel.shape[0] // 2
-  if jax.default_backend() != 'cpu':
-    return jax.lax.conv_general_dilated(
-        x, kernel, (stride, stride), ((pad, pad), (pad, pad)),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=x.shape[-1])
-  h, w = _out_side(x.shape[1], stride), _out_side(x.shape[2], stride)
-  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  out = 0.
-  for i in range(k):
-    for j in range(k):
-      window = padded[:, i:i + stride * (h - 1) + 1:stride, j:j + stride * (w - 1) + 1:stride]
-      out = out + window * kernel[i, j, 0]
-  return out
-
-
-class DepthwiseConv(nn.Module):
-  """`nn.Conv(feature_group_count=C)`'s parameters, computed by `depthwise_conv`."""
-  kernel_size: int
-  stride: int = 1
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    channels = x.shape[-1]
-    kernel = self.param('kernel', conv_init, (self.kernel_size, self.kernel_size, 1, channels))
-    return depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride)
 
 
 class ChoiceBlock(nn.Module):
@@ -286,34 +244,34 @@ def keep_unused(new_tree, old_tree, architecture):
 def _block_cost(in_ch: int, out_ch: int, stride: int, side: int, choice: int,
                 affine: bool) -> Tuple[int, int]:
   """(multiply-adds, parameters) of one ChoiceBlock."""
-  out_side = _out_side(side, stride)
+  side_out = out_side(side, stride)
   macs = params = 0
 
   def conv(cin, cout, kernel, s, in_side, depthwise=False):
     nonlocal macs, params
     weights = (cin if depthwise else cin * cout) * kernel * kernel
-    macs += weights * _out_side(in_side, s) ** 2
+    macs += weights * out_side(in_side, s) ** 2
     params += weights + (2 * cout if affine else 0)
-    return _out_side(in_side, s)
+    return out_side(in_side, s)
 
   if stride == 1:
     proj_ch, main_in = in_ch - in_ch // 2, in_ch // 2  # x[..., 0::2], x[..., 1::2]
   else:
     proj_ch, main_in = in_ch, in_ch
     conv(in_ch, in_ch, 3, stride, side, depthwise=True)
-    conv(in_ch, in_ch, 1, 1, out_side)
+    conv(in_ch, in_ch, 1, 1, side_out)
   mid, main_out = out_ch // 2, out_ch - proj_ch
   if choice < len(KERNELS):
     conv(main_in, mid, 1, 1, side)
     conv(mid, mid, KERNELS[choice], stride, side, depthwise=True)
-    conv(mid, main_out, 1, 1, out_side)
+    conv(mid, main_out, 1, 1, side_out)
   else:
     conv(main_in, main_in, 3, stride, side, depthwise=True)
-    conv(main_in, mid, 1, 1, out_side)
-    conv(mid, mid, 3, 1, out_side, depthwise=True)
-    conv(mid, mid, 1, 1, out_side)
-    conv(mid, mid, 3, 1, out_side, depthwise=True)
-    conv(mid, main_out, 1, 1, out_side)
+    conv(main_in, mid, 1, 1, side_out)
+    conv(mid, mid, 3, 1, side_out, depthwise=True)
+    conv(mid, mid, 1, 1, side_out)
+    conv(mid, mid, 3, 1, side_out, depthwise=True)
+    conv(mid, main_out, 1, 1, side_out)
   return macs, params
 
 
@@ -322,14 +280,14 @@ def cost(space: SearchSpace, choices: Sequence[int], num_classes: int,
   """(FLOPs, parameters) of one architecture; FLOPs count multiply-adds of the
   convolutions and the classifier, as the SPOS/ShuffleNet papers do."""
   choices = space.check(choices)
-  stem_side = _out_side(space.image_size, space.stem_stride)
+  stem_side = out_side(space.image_size, space.stem_stride)
   macs = 3 * space.stem_width * 9 * stem_side ** 2
   params = 3 * space.stem_width * 9 + (2 * space.stem_width if affine else 0)
   side = stem_side
   for (in_ch, out_ch, stride, side), choice in zip(space.layers(), choices):
     m, p = _block_cost(in_ch, out_ch, stride, side, choice, affine)
     macs, params = macs + m, params + p
-  last_side, last_in = _out_side(side, stride), space.stage_widths[-1]
+  last_side, last_in = out_side(side, stride), space.stage_widths[-1]
   macs += last_in * space.last_width * last_side ** 2 + space.last_width * num_classes
   params += (last_in * space.last_width + (2 * space.last_width if affine else 0)
              + space.last_width * num_classes)

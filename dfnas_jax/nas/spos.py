@@ -11,7 +11,7 @@ the retrain checkpoints. A rerun after a kill continues where it stopped.
 """
 import os
 import time
-from typing import Any, Dict, Tuple
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +24,7 @@ from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.evaluation import retrain
 from dfnas_jax.models import spos as spos_lib
-from dfnas_jax.nas import evolution
-from dfnas_jax.synthesis import synthesize
+from dfnas_jax.nas import common, evolution
 from dfnas_jax.train import steps, trainer
 
 Arch = evolution.Arch
@@ -92,21 +91,6 @@ class CandidateEvaluator:
     return trainer.evaluate_batches(variables, held_out, self.p_eval)['accuracy']
 
 
-def synthetic_data(config, workdir: str) -> Tuple[str, Dict[str, Any]]:
-  """The dataset to search on: configured, or synthesized (and reused) under WORKDIR."""
-  if config.dataset:
-    return config.dataset, {'dataset': config.dataset, 'synthesized': False}
-  synth_dir = os.path.join(workdir, 'synthesize')
-  summary_path = os.path.join(synth_dir, 'summary.json')
-  if os.path.exists(summary_path):
-    logging.info('Reusing the synthetic dataset in %s.', synth_dir)
-    summary = wd.read_json(summary_path)
-  else:
-    summary = synthesize.run(config.synthesis, synth_dir)
-  return summary['dataset_dir'], {'dataset': summary['dataset_dir'], 'synthesized': True,
-                                 'num_images': summary['num_images']}
-
-
 def split_strings(config, num_classes: int) -> Tuple[str, str]:
   """(supernet-train, search-validation) splits of the searched dataset.
 
@@ -126,7 +110,7 @@ def split_strings(config, num_classes: int) -> Tuple[str, str]:
 def run(config: ml_collections.ConfigDict, workdir: str):
   start = time.time()
   phase_times = {}
-  dataset, data_info = synthetic_data(config, workdir)
+  dataset, data_info = common.synthetic_data(config, workdir)
   phase_times['data_s'] = time.time() - start
 
   probe = ip.get_source(dataset, 'train', config.data_dir, config.download)
@@ -181,16 +165,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
 
   # Retrain from scratch on the same data, evaluate on real data if configured.
   t = time.time()
-  rc = ml_collections.ConfigDict(config.retrain.to_dict())
-  rc.architecture = best_name
-  rc.dataset, rc.data_dir = dataset, config.data_dir
-  # All the searched data: the whole synthetic set, or both configured real splits.
-  rc.train_split = f'{train_split}+{val_split}' if config.train_split else 'train'
-  rc.teacher, rc.teacher_checkpoint = config.teacher, config.teacher_checkpoint
-  rc.soft_labels, rc.loss = config.soft_labels, config.supernet.loss
-  rc.eval_dataset, rc.eval_data_dir, rc.eval_split = (config.eval_dataset, config.eval_data_dir,
-                                                      config.eval_split)
-  final = retrain.run(rc, os.path.join(workdir, 'retrain'))
+  final = common.retrain_architecture(config, best_name, dataset, train_split, val_split,
+                                      config.supernet.loss, os.path.join(workdir, 'retrain'))
   phase_times['retrain_s'] = time.time() - t
 
   summary = {

@@ -1,7 +1,6 @@
 """TrainState with BatchNorm statistics, its initialization and the SGD optimizer."""
-from typing import Any, Callable
+from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

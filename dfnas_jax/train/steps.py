@@ -47,24 +47,44 @@ class EvalMetrics(metrics.Collection):
 
 
 def model_inputs(batch):
-  """Keyword arguments for the model beyond the images: a supernet's path `arch`."""
-  return {'architecture': batch['arch']} if 'arch' in batch else {}
+  """Keyword arguments for the model beyond the images.
+
+  A SPOS supernet's path `arch` or a DARTS network's architecture weights `alphas`.
+  """
+  inputs = {}
+  if 'arch' in batch:
+    inputs['architecture'] = batch['arch']
+  if 'alphas' in batch:
+    inputs['alphas'] = batch['alphas']
+  return inputs
+
+
+def with_teacher_targets(batch, teacher_apply, teacher_variables):
+  """`batch` with the teacher's logits on its (augmented) images as soft labels."""
+  teacher_logits = jax.lax.stop_gradient(
+      teacher_apply(teacher_variables, batch['image'], train=False))
+  return dict(batch, logits=teacher_logits, label=jnp.argmax(teacher_logits, -1))
+
+
+def auxiliary_logits(intermediates):
+  """Logits an auxiliary head sowed as `intermediates/aux_logits`, or None."""
+  sown = intermediates.get('aux_logits')
+  return sown[0] if sown else None
 
 
 def train_step(state, batch, teacher_variables=None, *, learning_rate_fn,
                loss='cross_entropy', label_smoothing=0.0, temperature=1.0, teacher_apply=None,
-               dropout_rng=None):
+               dropout_rng=None, aux_weight=0.0):
   """One SGD step on a device shard; gradients and BN statistics averaged over AXIS.
 
   With `teacher_apply`, the soft labels for distillation are the teacher's logits
   on this (augmented) batch instead of the stored `batch['logits']`. A batch with
   an `arch` trains that path of a supernet (`models.spos`): choices the path did
-  not use keep their parameters and optimizer state exactly.
+  not use keep their parameters and optimizer state exactly. A model that sows
+  `aux_logits` (DARTS networks' auxiliary head) adds `aux_weight` times their loss.
   """
   if teacher_apply is not None:
-    teacher_logits = teacher_apply(teacher_variables, batch['image'], train=False)
-    batch = dict(batch, logits=jax.lax.stop_gradient(teacher_logits),
-                 label=jnp.argmax(teacher_logits, -1))
+    batch = with_teacher_targets(batch, teacher_apply, teacher_variables)
 
   if dropout_rng is None:
     dropout_rng = jax.random.PRNGKey(0)
@@ -74,9 +94,13 @@ def train_step(state, batch, teacher_variables=None, *, learning_rate_fn,
   def loss_fn(params):
     logits, updates = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
-        train=True, mutable=['batch_stats'], rngs=rngs, **model_inputs(batch))
-    per_example = classification_loss(logits, batch, loss, label_smoothing, temperature)
-    return per_example.mean(), (logits, updates['batch_stats'])
+        train=True, mutable=['batch_stats', 'intermediates'], rngs=rngs, **model_inputs(batch))
+    value = classification_loss(logits, batch, loss, label_smoothing, temperature).mean()
+    aux = auxiliary_logits(updates.get('intermediates', {}))
+    if aux is not None and aux_weight:
+      value += aux_weight * classification_loss(
+          aux, batch, loss, label_smoothing, temperature).mean()
+    return value, (logits, updates.get('batch_stats', {}))
 
   (value, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, AXIS)

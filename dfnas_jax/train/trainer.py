@@ -46,8 +46,12 @@ def total_train_steps(config, steps_per_epoch: int) -> int:
 def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
         train_source: ip.DataSource, eval_source: Optional[ip.DataSource],
         teacher: Optional[Tuple[nn.Module, Any]] = None,
-        add_to_batch: Optional[Callable[[int, ip.Batch], ip.Batch]] = None) -> Dict[str, Any]:
+        add_to_batch: Optional[Callable[[int, ip.Batch], ip.Batch]] = None,
+        initial_variables: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
   """Trains `model` from scratch (or resumes from `workdir/checkpoints`); returns results.
+
+  `initial_variables` ({'params', 'batch_stats'}) replace the random
+  initialization, to fine-tune; a checkpoint in `workdir` still wins.
 
   `teacher` = (module, variables) recomputes distillation targets on every
   augmented batch; without it, distillation uses the dataset's stored logits.
@@ -67,6 +71,10 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
   tx = state_lib.sgd(lr_fn, config.momentum, config.weight_decay, config.nesterov)
   state = state_lib.create_train_state(model, jax.random.PRNGKey(config.seed),
                                        config.image_size, tx)
+  if initial_variables is not None:
+    state = state.replace(params=initial_variables['params'],
+                          batch_stats=initial_variables['batch_stats'])
+    state = state.replace(opt_state=tx.init(state.params))
   mngr = checkpointing.manager(os.path.join(workdir, 'checkpoints'),
                                config.keep_checkpoints, config.checkpoint_every_steps)
   state = checkpointing.restore_latest(mngr, state) or state
@@ -80,7 +88,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
   p_train_step = steps.pmap_train_step(
       learning_rate_fn=lr_fn, loss=config.loss, label_smoothing=config.label_smoothing,
       temperature=config.temperature, teacher_apply=teacher and teacher[0].apply,
-      dropout_rng=jax.random.PRNGKey(config.seed + 1))
+      dropout_rng=jax.random.PRNGKey(config.seed + 1),
+      aux_weight=config.get('aux_weight', 0.0))
   extra_args = (steps.replicate(teacher[1]),) if teacher else ()
   if config.loss == 'distillation' and not teacher and not train_source.has_logits:
     raise ValueError(f'Distillation needs soft labels: dataset {train_source.builder.name!r} '

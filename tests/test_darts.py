@@ -1,0 +1,115 @@
+"""The DARTS search space: operations, genotype derivation, names, genotype networks."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dfnas_jax import models
+from dfnas_jax.models import darts, layers
+from dfnas_jax.train import state as state_lib
+from dfnas_jax.train import steps
+
+GENOTYPE = darts.Genotype(
+    normal=(('sep_conv_3x3', 0), ('skip_connect', 1), ('dil_conv_3x3', 0), ('sep_conv_5x5', 2),
+            ('max_pool_3x3', 1), ('avg_pool_3x3', 3), ('skip_connect', 0), ('dil_conv_5x5', 4)),
+    reduce=(('max_pool_3x3', 0), ('skip_connect', 1), ('avg_pool_3x3', 2), ('sep_conv_3x3', 0),
+            ('skip_connect', 2), ('dil_conv_3x3', 1), ('sep_conv_5x5', 4), ('max_pool_3x3', 0)))
+
+
+@pytest.mark.parametrize('kernel,stride,dilation', [(3, 1, 1), (5, 2, 1), (3, 1, 2), (5, 2, 2)])
+def test_depthwise_conv_matches_grouped_convolution(kernel, stride, dilation):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 3))
+  w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 1, 3))
+  pad = dilation * (kernel - 1) // 2
+  expected = jax.lax.conv_general_dilated(
+      x, w, (stride, stride), ((pad, pad), (pad, pad)), rhs_dilation=(dilation, dilation),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=3)
+  np.testing.assert_allclose(layers.depthwise_conv(x, w, stride, dilation), expected,
+                             atol=1e-5, rtol=1e-5)
+
+
+def test_pooling_does_not_count_padding():
+  op = darts.Operation(4, 1, primitive='avg_pool_3x3')
+  x = jnp.ones((1, 4, 4, 4))
+  y = op.apply({}, x)
+  np.testing.assert_allclose(y, 1.0)  # counting the zero padding would give 4/9 in a corner
+
+
+def test_genotype_keeps_the_two_strongest_non_none_edges_per_node():
+  alphas = {t: np.zeros((darts.NUM_EDGES, len(darts.PRIMITIVES))) for t in darts.CELL_TYPES}
+  normal = alphas['normal']
+  normal[:, 0] = 10.0  # 'none' is strongest everywhere and must be ignored
+  # Node 0 (edges 0, 1): sep_conv_5x5 from input 1 beats max_pool from input 0.
+  normal[0, darts.PRIMITIVES.index('max_pool_3x3')] = 2.0
+  normal[1, darts.PRIMITIVES.index('sep_conv_5x5')] = 3.0
+  # Node 1 (edges 2, 3, 4): strongest inputs are 2 (skip) and 0 (dil_conv_3x3).
+  normal[4, darts.PRIMITIVES.index('skip_connect')] = 5.0
+  normal[2, darts.PRIMITIVES.index('dil_conv_3x3')] = 4.0
+  normal[3, darts.PRIMITIVES.index('avg_pool_3x3')] = 1.0
+  genotype = darts.derive_genotype(alphas)
+  assert genotype.normal[:4] == (('sep_conv_5x5', 1), ('max_pool_3x3', 0),
+                                 ('skip_connect', 2), ('dil_conv_3x3', 0))
+  assert len(genotype.reduce) == 8 and all(op != 'none' for op, _ in genotype.reduce)
+  assert darts.Genotype.from_json(genotype.to_json()) == genotype
+
+
+def test_architecture_names_round_trip_and_bad_names_are_clear():
+  name = darts.architecture_name(GENOTYPE, 16, 8, auxiliary=True, drop_path=0.2)
+  assert name.startswith('darts:16x8+aux+dp0.2:sep_conv_3x3@0,')
+  assert darts.parse_name(name) == dict(genotype=GENOTYPE, init_channels=16, layers=8,
+                                        auxiliary=True, drop_path=0.2)
+  with pytest.raises(ValueError, match='is not a DARTS architecture'):
+    darts.parse_name('darts:16x8:sep_conv_3x3@0')
+  with pytest.raises(ValueError, match='node 0 can only read states 0..1'):
+    darts.parse_name(name.replace('sep_conv_3x3@0', 'sep_conv_3x3@3', 1))
+  with pytest.raises(ValueError, match="unknown \\['conv_9x9'\\]"):
+    darts.parse_name(name.replace('sep_conv_3x3@0', 'conv_9x9@0', 1))
+
+
+def test_search_network_shapes_and_architecture_inputs():
+  model = darts.DARTSSearchNet(10, init_channels=2, layers=3)
+  images = jnp.zeros((2, 8, 8, 3))
+  alphas = darts.initial_alphas(jax.random.PRNGKey(0))
+  assert alphas['normal'].shape == (14, 8) and float(jnp.abs(alphas['normal']).max()) < 0.01
+  variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, alphas))
+  params = variables['params']
+  # Cells 1 and 2 reduce (layers // 3, 2 * layers // 3).
+  assert sorted(params) == ['cell0', 'cell1', 'cell2', 'classifier', 'stem_bn', 'stem_conv']
+  assert 'preprocess0' in params['cell2'] and 'conv_1' in params['cell2']['preprocess0']
+  # Parameters: the 4 convolutions on every edge; pools, 'none' and an identity skip have
+  # none, but a strided skip (reduction cell edges from inputs 0 and 1) is FactorizedReduce.
+  assert sum(k.startswith('edge') for k in params['cell0']) == 14 * 4
+  assert sum(k.startswith('edge') for k in params['cell1']) == 8 * 5 + 6 * 4
+  out = jax.eval_shape(lambda v: model.apply(v, images, alphas), variables)
+  assert out.shape == (2, 10)
+
+
+def test_genotype_network_trains_with_auxiliary_head_and_drop_path():
+  name = darts.architecture_name(GENOTYPE, 4, 3, auxiliary=True, drop_path=0.3)
+  model = models.build_model(name, 10)
+  variables = state_lib.init_variables(model, jax.random.PRNGKey(0), 16)
+  assert 'aux_head' in variables['params']
+  images = jax.random.uniform(jax.random.PRNGKey(1), (4, 16, 16, 3))
+  assert model.apply(variables, images).shape == (4, 10)  # eval: no auxiliary head
+
+  local = models.build_model(name, 10, axis_name=None)  # train mode outside pmap
+
+  def train_apply(rng):
+    return local.apply(variables, images, train=True, mutable=['batch_stats', 'intermediates'],
+                       rngs={'dropout': rng})
+  logits_a, updates = train_apply(jax.random.PRNGKey(2))
+  logits_b, _ = train_apply(jax.random.PRNGKey(3))
+  assert steps.auxiliary_logits(updates['intermediates']).shape == (4, 10)
+  assert not np.allclose(logits_a, logits_b)  # drop-path depends on the rng
+
+  lr = state_lib.learning_rate_schedule(0.1, 10, 0)
+  state = steps.replicate(state_lib.create_train_state(model, jax.random.PRNGKey(0), 16,
+                                                       state_lib.sgd(lr, 0.9, 0.0)))
+  batch = {'image': images[None], 'label': jnp.arange(4)[None]}
+  losses = {}
+  for weight in (0.0, 0.4):
+    step = steps.pmap_train_step(learning_rate_fn=lr, aux_weight=weight)
+    _, m = step(jax.tree_util.tree_map(jnp.copy, state), batch)
+    losses[weight] = float(jax.device_get(m.loss.total / m.loss.count)[0])
+  # Adds 0.4 x the auxiliary head's cross-entropy (about ln 10 at initialization).
+  assert losses[0.4] > losses[0.0] + 0.4 * 0.5
