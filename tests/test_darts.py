@@ -2,10 +2,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from dfnas_jax import models
 from dfnas_jax.models import darts, layers
+from dfnas_jax.nas import darts as darts_nas
 from dfnas_jax.train import state as state_lib
 from dfnas_jax.train import steps
 
@@ -113,3 +115,65 @@ def test_genotype_network_trains_with_auxiliary_head_and_drop_path():
     losses[weight] = float(jax.device_get(m.loss.total / m.loss.count)[0])
   # Adds 0.4 x the auxiliary head's cross-entropy (about ln 10 at initialization).
   assert losses[0.4] > losses[0.0] + 0.4 * 0.5
+
+
+# --- The architecture gradient ------------------------------------------------------------
+
+def _toy_problem():
+  """Two tanh branches mixed by softmax(alphas), cross-entropy; float64 for exact checks."""
+  rng = np.random.default_rng(0)
+  params = {'w': jnp.asarray(rng.normal(size=(2, 5, 3))), 'b': jnp.asarray(rng.normal(size=3))}
+  alphas = jnp.asarray([0.3, -0.2])
+
+  def batch(seed):
+    r = np.random.default_rng(seed)
+    return {'x': jnp.asarray(r.normal(size=(16, 5))), 'y': jnp.asarray(r.integers(0, 3, 16))}
+
+  def loss_fn(p, a, b):
+    mix = jax.nn.softmax(a)
+    logits = sum(mix[k] * jnp.tanh(b['x'] @ p['w'][k]) for k in range(2)) + p['b']
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(16), b['y']])
+
+  lr = 0.5
+  tx = optax.chain(optax.clip_by_global_norm(100.0),
+                   optax.add_decayed_weights(3e-4), optax.sgd(lr, momentum=0.9))
+  opt_state = tx.init(params)
+  # One real step first, so the momentum buffer the virtual step uses is not zero.
+  updates, opt_state = tx.update(jax.grad(loss_fn)(params, alphas, batch(3)), opt_state, params)
+  params = optax.apply_updates(params, updates)
+  return loss_fn, params, alphas, opt_state, tx, batch(1), batch(2), lr
+
+
+def test_exact_hypergradient_matches_finite_differences_of_the_unrolled_loss():
+  with jax.enable_x64(True):
+    loss_fn, params, alphas, opt_state, tx, train, val, lr = _toy_problem()
+
+    def unrolled(a):
+      return loss_fn(darts_nas.virtual_step(loss_fn, params, a, opt_state, tx, train), a, val)
+
+    value, exact = darts_nas.hypergradient(loss_fn, params, alphas, opt_state, tx, train, val,
+                                           mode='exact')
+    h = 1e-5
+    numeric = np.array([(unrolled(alphas.at[i].add(h)) - unrolled(alphas.at[i].add(-h))) / (2 * h)
+                        for i in range(2)])
+    np.testing.assert_allclose(exact, numeric, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(value, unrolled(alphas), rtol=1e-12)
+
+    _, first = darts_nas.hypergradient(loss_fn, params, alphas, opt_state, tx, train, val,
+                                       mode='first_order')
+    second_order_term = np.abs(np.asarray(exact) - np.asarray(first)).max()
+    assert second_order_term > 1e-3 * np.abs(np.asarray(exact)).max()  # not vacuous
+
+    # The reference's finite-difference Hessian-vector product approximates the same term.
+    _, approx = darts_nas.hypergradient(loss_fn, params, alphas, opt_state, tx, train, val,
+                                        mode='finite_difference', learning_rate=lr)
+    np.testing.assert_allclose(approx, exact, atol=0.02 * second_order_term)
+
+
+def test_hypergradient_rejects_unknown_modes():
+  loss_fn, params, alphas, opt_state, tx, train, val, _ = _toy_problem()
+  with pytest.raises(ValueError, match="one of \\('first_order', 'exact', 'finite_difference'\\)"):
+    darts_nas.hypergradient(loss_fn, params, alphas, opt_state, tx, train, val, mode='second')
+  with pytest.raises(ValueError, match='needs the weight step'):
+    darts_nas.hypergradient(loss_fn, params, alphas, opt_state, tx, train, val,
+                            mode='finite_difference')
