@@ -18,15 +18,16 @@ GENOTYPE = darts.Genotype(
             ('skip_connect', 2), ('dil_conv_3x3', 1), ('sep_conv_5x5', 4), ('max_pool_3x3', 0)))
 
 
+@pytest.mark.parametrize('cpu_method', ['sum', 'stacked'])
 @pytest.mark.parametrize('kernel,stride,dilation', [(3, 1, 1), (5, 2, 1), (3, 1, 2), (5, 2, 2)])
-def test_depthwise_conv_matches_grouped_convolution(kernel, stride, dilation):
+def test_depthwise_conv_matches_grouped_convolution(kernel, stride, dilation, cpu_method):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 3))
   w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 1, 3))
   pad = dilation * (kernel - 1) // 2
   expected = jax.lax.conv_general_dilated(
       x, w, (stride, stride), ((pad, pad), (pad, pad)), rhs_dilation=(dilation, dilation),
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=3)
-  np.testing.assert_allclose(layers.depthwise_conv(x, w, stride, dilation), expected,
+  np.testing.assert_allclose(layers.depthwise_conv(x, w, stride, dilation, cpu_method), expected,
                              atol=1e-5, rtol=1e-5)
 
 

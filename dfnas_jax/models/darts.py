@@ -111,7 +111,8 @@ class SepConv(_Block):
   def __call__(self, x, train: bool = False):
     channels = x.shape[-1]
     for i, (stride, features) in enumerate(((self.stride, channels), (1, self.features))):
-      x = DepthwiseConv(self.kernel_size, stride, self.dtype, name=f'dw{i}')(nn.relu(x))
+      x = DepthwiseConv(self.kernel_size, stride, self.dtype, cpu_method='stacked',
+                        name=f'dw{i}')(nn.relu(x))
       x = self.norm(train, name=f'bn{i}')(self.conv1x1(x, features, name=f'pw{i}'))
     return x
 
@@ -122,7 +123,8 @@ class DilConv(_Block):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = DepthwiseConv(self.kernel_size, self.stride, self.dtype, dilation=2, name='dw')(nn.relu(x))
+    x = DepthwiseConv(self.kernel_size, self.stride, self.dtype, dilation=2, cpu_method='stacked',
+                      name='dw')(nn.relu(x))
     return self.norm(train)(self.conv1x1(x, self.features, name='pw'))
 
 
