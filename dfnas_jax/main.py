@@ -17,6 +17,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Stage config file (configs/*.py[:preset]).',
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Work directory; default ./workdir/<config file stem>.')
+flags.DEFINE_bool('compilation_cache', True,
+                  'Keep compiled steps in <workdir>/jax_cache for reruns and resumes.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -39,6 +41,8 @@ def main(argv):
   # tf.data only: keep TensorFlow off the accelerators JAX uses.
   tf.config.set_visible_devices([], 'GPU')
   workdir = FLAGS.workdir or default_workdir()
+  if FLAGS.compilation_cache:  # a resumed run skips recompiling (minutes on CPU for DARTS)
+    jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'jax_cache'))
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
   logging.info('Stage %s, workdir %s, config:\n%s', FLAGS.config.stage, workdir, FLAGS.config)

@@ -7,6 +7,7 @@ STAGES = {
     'synthesize': 'dfnas_jax.synthesis.synthesize',
     'retrain': 'dfnas_jax.evaluation.retrain',
     'spos': 'dfnas_jax.nas.spos',
+    'darts': 'dfnas_jax.nas.darts',
 }
 
 

@@ -1,15 +1,26 @@
-"""The DARTS search space: operations, genotype derivation, names, genotype networks."""
+"""DARTS: the search space, genotypes, the hypergradient and the `darts` stage."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from dfnas_jax import models
+from configs import darts as darts_config
+from dfnas_jax import models, teachers
 from dfnas_jax.models import darts, layers
-from dfnas_jax.nas import darts as darts_nas
+from dfnas_jax.nas import bilevel
+from dfnas_jax.nas import darts as darts_stage
 from dfnas_jax.train import state as state_lib
 from dfnas_jax.train import steps
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 GENOTYPE = darts.Genotype(
     normal=(('sep_conv_3x3', 0), ('skip_connect', 1), ('dil_conv_3x3', 0), ('sep_conv_5x5', 2),
@@ -18,7 +29,7 @@ GENOTYPE = darts.Genotype(
             ('skip_connect', 2), ('dil_conv_3x3', 1), ('sep_conv_5x5', 4), ('max_pool_3x3', 0)))
 
 
-@pytest.mark.parametrize('cpu_method', ['sum', 'stacked'])
+@pytest.mark.parametrize('cpu_method', ['sum', 'stacked', 'dense'])
 @pytest.mark.parametrize('kernel,stride,dilation', [(3, 1, 1), (5, 2, 1), (3, 1, 2), (5, 2, 2)])
 def test_depthwise_conv_matches_grouped_convolution(kernel, stride, dilation, cpu_method):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 3))
@@ -79,12 +90,51 @@ def test_search_network_shapes_and_architecture_inputs():
   # Cells 1 and 2 reduce (layers // 3, 2 * layers // 3).
   assert sorted(params) == ['cell0', 'cell1', 'cell2', 'classifier', 'stem_bn', 'stem_conv']
   assert 'preprocess0' in params['cell2'] and 'conv_1' in params['cell2']['preprocess0']
-  # Parameters: the 4 convolutions on every edge; pools, 'none' and an identity skip have
-  # none, but a strided skip (reduction cell edges from inputs 0 and 1) is FactorizedReduce.
-  assert sum(k.startswith('edge') for k in params['cell0']) == 14 * 4
-  assert sum(k.startswith('edge') for k in params['cell1']) == 8 * 5 + 6 * 4
+  # Edges leaving the same states share one vmapped module: 8 from the inputs, then 3, 2, 1.
+  # Each holds the 4 convolutions; pools, 'none' and an identity skip have no parameters,
+  # but a strided skip (reduction cell edges from inputs 0 and 1) is FactorizedReduce.
+  groups = {'edges_from_01': 8, 'edges_from_2': 3, 'edges_from_3': 2, 'edges_from_4': 1}
+  for cell, strided_skip in (('cell0', False), ('cell1', True)):
+    assert sorted(k for k in params[cell] if k.startswith('edges')) == sorted(groups)
+    for group, num_edges in groups.items():
+      ops = params[cell][group]
+      expected = {'sep_conv_3x3', 'sep_conv_5x5', 'dil_conv_3x3', 'dil_conv_5x5'}
+      assert set(ops) == expected | ({'skip_connect'} if strided_skip and group.endswith('01')
+                                     else set())
+      assert {x.shape[0] for x in jax.tree_util.tree_leaves(ops)} == {num_edges}
   out = jax.eval_shape(lambda v: model.apply(v, images, alphas), variables)
   assert out.shape == (2, 10)
+
+
+def test_each_architecture_row_weights_its_own_edge():
+  """One-hot weights: identity skips on edge e and on n_i <- s0 for the nodes before e's."""
+  cell = darts.SearchCell(4, affine=False, axis_name=None)
+  s0, s1 = jax.random.normal(jax.random.PRNGKey(0), (2, 1, 6, 6, 4))
+  skip, none = darts.PRIMITIVES.index('skip_connect'), darts.PRIMITIVES.index('none')
+  variables = cell.init(jax.random.PRNGKey(1), s0, s1, jnp.ones((14, 8)) / 8)
+  apply = jax.jit(lambda weights: cell.apply(variables, s0, s1, weights))
+  labels = darts.edge_labels()
+  for e in range(darts.NUM_EDGES):
+    node, source = (int(t) for t in labels[e][1:].split(' <- '))
+    weights = np.zeros((14, 8))
+    weights[:, none] = 1.0
+    for row in [labels.index(f'n{i} <- 0') for i in range(node)] + [e]:
+      weights[row] = np.eye(8)[skip]
+    out = np.asarray(apply(jnp.asarray(weights)))
+    blocks = [out[..., 4 * i:4 * i + 4] for i in range(darts.NUM_NODES)]
+    first = blocks[0] if node else blocks[node]  # the preprocessed s0 (or s1 if e reads it)
+    assert np.abs(first).max() > 0, labels[e]
+    for i, block in enumerate(blocks):
+      if i < node:  # n_i <- s0, so every earlier state equals preprocessed s0
+        np.testing.assert_allclose(block, blocks[0], err_msg=labels[e])
+      elif i == node and source != 1 and node:
+        np.testing.assert_allclose(block, blocks[0], err_msg=labels[e])
+      elif i == node:
+        assert np.abs(block).max() > 0, labels[e]
+        if source == 1 and node:
+          assert np.abs(block - blocks[0]).max() > 0, labels[e]
+      else:
+        assert np.abs(block).max() == 0, (labels[e], i)
 
 
 def test_genotype_network_trains_with_auxiliary_head_and_drop_path():
@@ -150,9 +200,9 @@ def test_exact_hypergradient_matches_finite_differences_of_the_unrolled_loss():
     loss_fn, params, alphas, opt_state, tx, train, val, lr = _toy_problem()
 
     def unrolled(a):
-      return loss_fn(darts_nas.virtual_step(loss_fn, params, a, opt_state, tx, train), a, val)
+      return loss_fn(bilevel.virtual_step(loss_fn, params, a, opt_state, tx, train), a, val)
 
-    value, exact = darts_nas.hypergradient(loss_fn, params, alphas, opt_state, tx, train, val,
+    value, exact = bilevel.hypergradient(loss_fn, params, alphas, opt_state, tx, train, val,
                                            mode='exact')
     h = 1e-5
     numeric = np.array([(unrolled(alphas.at[i].add(h)) - unrolled(alphas.at[i].add(-h))) / (2 * h)
@@ -160,13 +210,13 @@ def test_exact_hypergradient_matches_finite_differences_of_the_unrolled_loss():
     np.testing.assert_allclose(exact, numeric, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(value, unrolled(alphas), rtol=1e-12)
 
-    _, first = darts_nas.hypergradient(loss_fn, params, alphas, opt_state, tx, train, val,
+    _, first = bilevel.hypergradient(loss_fn, params, alphas, opt_state, tx, train, val,
                                        mode='first_order')
     second_order_term = np.abs(np.asarray(exact) - np.asarray(first)).max()
     assert second_order_term > 1e-3 * np.abs(np.asarray(exact)).max()  # not vacuous
 
     # The reference's finite-difference Hessian-vector product approximates the same term.
-    _, approx = darts_nas.hypergradient(loss_fn, params, alphas, opt_state, tx, train, val,
+    _, approx = bilevel.hypergradient(loss_fn, params, alphas, opt_state, tx, train, val,
                                         mode='finite_difference', learning_rate=lr)
     np.testing.assert_allclose(approx, exact, atol=0.02 * second_order_term)
 
@@ -174,7 +224,73 @@ def test_exact_hypergradient_matches_finite_differences_of_the_unrolled_loss():
 def test_hypergradient_rejects_unknown_modes():
   loss_fn, params, alphas, opt_state, tx, train, val, _ = _toy_problem()
   with pytest.raises(ValueError, match="one of \\('first_order', 'exact', 'finite_difference'\\)"):
-    darts_nas.hypergradient(loss_fn, params, alphas, opt_state, tx, train, val, mode='second')
+    bilevel.hypergradient(loss_fn, params, alphas, opt_state, tx, train, val, mode='second')
   with pytest.raises(ValueError, match='needs the weight step'):
-    darts_nas.hypergradient(loss_fn, params, alphas, opt_state, tx, train, val,
+    bilevel.hypergradient(loss_fn, params, alphas, opt_state, tx, train, val,
                             mode='finite_difference')
+
+
+# --- The darts stage ----------------------------------------------------------------------
+
+def test_search_splits_halve_in_class_blocks_and_reject_half_configs():
+  config = darts_config.get_config('smoke')
+  assert darts_stage.split_strings(config, 384, 10) == ('train[:190]', 'train[190:]')
+  config.train_split = 'train[:100]'
+  with pytest.raises(ValueError, match='Set both train_split and val_split'):
+    darts_stage.split_strings(config, 384, 10)
+  config.train_split, config.batch_size = '', 64
+  with pytest.raises(ValueError, match='at least batch_size=64'):
+    darts_stage.split_strings(config, 100, 10)
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('mode', 'second_order', 'darts mode must be one of'),
+    ('loss', 'mse', "darts loss must be 'distillation' or 'cross_entropy'"),
+    ('soft_labels', 'oracle', 'soft_labels must be one of'),
+])
+def test_bad_darts_configs_are_one_clear_error(tmp_path, field, value, message):
+  config = darts_config.get_config('smoke')
+  config[field] = value
+  with pytest.raises(ValueError, match=message):
+    darts_stage.run(config, str(tmp_path))
+
+
+def test_darts_smoke_end_to_end_resumes_after_kill(data_dir, tmp_path):
+  """Kill -9 once the search has checkpointed, rerun: it resumes and finishes once."""
+  workdir = tmp_path / 'darts'
+  cmd = [sys.executable, '-m', 'dfnas_jax.main', f'--config={REPO}/configs/darts.py:smoke',
+         f'--workdir={workdir}', '--config.eval_dataset=cifar10_jpeg',
+         f'--config.eval_data_dir={data_dir}', '--config.eval_split=train[45000:45064]',
+         '--config.download=False']
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  checkpoints = workdir / 'search' / 'checkpoints'
+  with open(tmp_path / 'first.log', 'w') as log:
+    first = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 900
+    while not (checkpoints / '2').is_dir() and first.poll() is None and time.time() < deadline:
+      time.sleep(0.5)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+  assert (checkpoints / '2').is_dir(), (tmp_path / 'first.log').read_text()[-3000:]
+  assert not (workdir / 'summary.json').exists()
+
+  out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'Resuming the search from step 2 of 4' in out.stderr
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert [h['epoch'] for h in summary['search_history']] == [1, 2]  # no epoch twice
+  assert summary['search_steps'] == 4 and summary['mode'] == 'exact'
+  assert summary['search_train_split'] == 'train[:10]'
+  genotype = darts.Genotype.from_json(summary['genotype'])
+  assert summary['architecture'] == darts.architecture_name(genotype, 4, 3, True, 0.2)
+  assert darts.parse_name(summary['architecture'])['genotype'] == genotype
+  for epoch in (1, 2):
+    saved = json.loads((workdir / 'search' / 'genotypes' / f'epoch_{epoch:03d}.json').read_text())
+    assert np.allclose(np.sum(saved['weights']['normal'], axis=-1), 1.0, atol=1e-3)
+  assert darts.Genotype.from_json(saved) == genotype  # the last epoch's is the result
+  for png in ('search/alphas.png', 'normal_cell.png', 'reduce_cell.png'):
+    assert (workdir / png).read_bytes()[:4] == b'\x89PNG'
+  assert summary['params'] > 0 and 0 <= summary['final_accuracy'] <= 1
+  assert np.isfinite(summary['search_final']['val_loss'])
+  module, _, spec = teachers.load(summary['retrain_model_dir'])
+  assert spec.architecture == summary['architecture'] and module.genotype == genotype

@@ -1,80 +1,279 @@
-"""DARTS's bilevel optimization: the architecture gradient (hypergradient).
+"""Stage `darts`: data-free DARTS, differentiable cell search on synthetic soft labels.
 
-The architecture logits alpha minimize the validation loss at the weights
-w'(alpha) that one weight-optimizer step on the training loss would reach:
+  synthesize (or reuse)  ->  split in halves: weights / architecture
+  -> bilevel search: per step, one Adam step on the architecture logits (the
+     hypergradient of the held-out half's loss, `nas.bilevel`), then one SGD
+     step on the weights with the updated logits (distillation)
+  -> genotype JSON and heat map every epoch, cell diagrams of the result
+  -> retrain the genotype's network from scratch -> evaluate on real data
 
-    min_alpha  L_val(w'(alpha), alpha),   w'(alpha) = w + update(grad_w L_train(w, alpha))
-
-`hypergradient` returns d L_val / d alpha three ways:
-- 'first_order': grad_alpha L_val(w, alpha), ignoring that w depends on alpha.
-- 'exact': JAX differentiates through the unrolled step itself (the real
-  optimizer `tx`: its momentum, weight decay, clipping and current learning
-  rate), so the second-order term is exact, not approximated.
-- 'finite_difference': the reference's approximation, for parity:
-  grad_alpha L_val(w', alpha) - lr * (grad_alpha L_train(w+, alpha)
-  - grad_alpha L_train(w-, alpha)) / (2 eps), w+- = w +- eps grad_w' L_val,
-  eps = 0.01 / ||grad_w' L_val||.
-
-All of it is a pure function of pytrees, usable inside `jax.pmap` (pass
-`axis_name`: the weight gradient of the virtual step and the results are
-averaged over devices, like the real weight step).
-
-Not yet built (issue 5): the `darts` stage around it (search loop, checkpoints,
-genotype files and plots, retraining). See the issue's note.
+The search checkpoints (weights, BN statistics, logits, both optimizer states;
+the data position is the step) with orbax and resumes after a kill.
 """
-from typing import Any, Callable, Optional, Tuple
+import functools
+import os
+import time
+from typing import Any, Dict, Optional, Tuple
 
+import flax
+import flax.jax_utils
 import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import optax
+from absl import logging
+from clu import metrics, periodic_actions
 
-MODES = ('first_order', 'exact', 'finite_difference')
+from dfnas_jax import plots
+from dfnas_jax import workdir as wd
+from dfnas_jax.data import input_pipeline as ip
+from dfnas_jax.evaluation import retrain
+from dfnas_jax.models import darts as space
+from dfnas_jax.nas import bilevel, common
+from dfnas_jax.train import checkpointing
+from dfnas_jax.train import state as state_lib
+from dfnas_jax.train import steps, trainer
 
-LossFn = Callable[[Any, Any, Any], jax.Array]  # (params, alphas, batch) -> scalar
-
-
-def virtual_step(loss_fn: LossFn, params, alphas, opt_state, tx: optax.GradientTransformation,
-                 batch, axis_name: Optional[str] = None):
-  """The weights after one step of `tx` on loss_fn(., alphas, batch); differentiable in alphas."""
-  grads = jax.grad(loss_fn)(params, alphas, batch)
-  if axis_name:
-    grads = jax.lax.pmean(grads, axis_name)
-  updates, _ = tx.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates)
+AXIS = steps.AXIS
 
 
-def hypergradient(loss_fn: LossFn, params, alphas, opt_state, tx: optax.GradientTransformation,
-                  train_batch, val_batch, *, mode: str = 'exact',
-                  learning_rate: Optional[jax.Array] = None,
-                  axis_name: Optional[str] = None) -> Tuple[jax.Array, Any]:
-  """(validation loss, its gradient with respect to `alphas`); see the module docstring.
+class SearchState(flax.struct.PyTreeNode):
+  """The network's weights (with BN statistics and SGD state) and the architecture."""
+  weights: state_lib.TrainState
+  alphas: Dict[str, jax.Array]
+  arch_opt_state: Any
 
-  `learning_rate` (the weight step's current rate) is needed only by 'finite_difference'.
+
+@flax.struct.dataclass
+class ArchMetrics(metrics.Collection):
+  val_loss: metrics.Average.from_output('val_loss')
+
+
+def weight_optimizer(config, total_steps: int) -> Tuple[optax.GradientTransformation,
+                                                       optax.Schedule]:
+  """Reference: SGD momentum 0.9, cosine from learning_rate to learning_rate_min, clipping."""
+  lr_fn = optax.cosine_decay_schedule(config.learning_rate, total_steps,
+                                      alpha=config.learning_rate_min / config.learning_rate)
+  tx = optax.chain(optax.clip_by_global_norm(config.grad_clip),
+                   state_lib.sgd(lr_fn, config.momentum, config.weight_decay, nesterov=False))
+  return tx, lr_fn
+
+
+def arch_optimizer(config) -> optax.GradientTransformation:
+  """Reference: Adam(arch_learning_rate, betas (0.5, 0.999)) with L2 weight decay."""
+  return optax.chain(optax.add_decayed_weights(config.arch_weight_decay),
+                     optax.adam(config.arch_learning_rate, b1=0.5, b2=0.999))
+
+
+def search_step(state: SearchState, train_batch, val_batch, teacher_variables=None, *,
+                arch_tx: optax.GradientTransformation, learning_rate_fn, mode: str, loss: str,
+                temperature: float, teacher_apply=None):
+  """One architecture step on `val_batch`, then one weight step on `train_batch`.
+
+  Per device shard, inside `jax.pmap(axis_name=AXIS)`; gradients are averaged
+  over devices. The architecture step sees the weights before this step's
+  weight update, as in the reference.
   """
-  def mean(tree):
-    return jax.lax.pmean(tree, axis_name) if axis_name else tree
+  if teacher_apply is not None:
+    train_batch = steps.with_teacher_targets(train_batch, teacher_apply, teacher_variables)
+    val_batch = steps.with_teacher_targets(val_batch, teacher_apply, teacher_variables)
+  w = state.weights
 
-  if mode == 'first_order':
-    value, grads = jax.value_and_grad(loss_fn, argnums=1)(params, alphas, val_batch)
-  elif mode == 'exact':
-    def unrolled_val_loss(a):
-      w = virtual_step(loss_fn, params, a, opt_state, tx, train_batch, axis_name)
-      return loss_fn(w, a, val_batch)
-    value, grads = jax.value_and_grad(unrolled_val_loss)(alphas)
-  elif mode == 'finite_difference':
-    if learning_rate is None:
-      raise ValueError("mode='finite_difference' needs the weight step's learning_rate.")
-    unrolled = jax.lax.stop_gradient(
-        virtual_step(loss_fn, params, alphas, opt_state, tx, train_batch, axis_name))
-    value, (dw, grads) = jax.value_and_grad(loss_fn, argnums=(0, 1))(unrolled, alphas, val_batch)
-    dw = mean(dw)
-    eps = 0.01 / optax.tree.norm(dw)
+  def loss_fn(params, alphas, batch):
+    logits, _ = w.apply_fn({'params': params, 'batch_stats': w.batch_stats}, batch['image'],
+                           alphas=alphas, train=True, mutable=['batch_stats'])
+    return steps.classification_loss(logits, batch, loss, 0.0, temperature).mean()
 
-    def train_alpha_grad(sign):
-      w = jax.tree_util.tree_map(lambda p, d: p + sign * eps * d, params, dw)
-      return jax.grad(loss_fn, argnums=1)(w, alphas, train_batch)
-    plus, minus = train_alpha_grad(1.0), train_alpha_grad(-1.0)
-    grads = jax.tree_util.tree_map(lambda g, p, m: g - learning_rate * (p - m) / (2 * eps),
-                                   grads, plus, minus)
-  else:
-    raise ValueError(f'hypergradient mode must be one of {MODES}, got {mode!r}')
-  return mean(value), mean(grads)
+  val_loss, arch_grads = bilevel.hypergradient(
+      loss_fn, w.params, state.alphas, w.opt_state, w.tx, train_batch, val_batch, mode=mode,
+      learning_rate=learning_rate_fn(w.step), axis_name=AXIS)
+  updates, arch_opt_state = arch_tx.update(arch_grads, state.arch_opt_state, state.alphas)
+  alphas = optax.apply_updates(state.alphas, updates)
+
+  weights, train_metrics = steps.train_step(
+      w, dict(train_batch, alphas=alphas), learning_rate_fn=learning_rate_fn, loss=loss,
+      temperature=temperature)
+  arch_metrics = ArchMetrics.gather_from_model_output(axis_name=AXIS, val_loss=val_loss)
+  return (SearchState(weights=weights, alphas=alphas, arch_opt_state=arch_opt_state),
+          train_metrics, arch_metrics)
+
+
+def pmap_search_step(**kwargs):
+  return jax.pmap(functools.partial(search_step, **kwargs), axis_name=AXIS,
+                  donate_argnums=(0,))
+
+
+def split_strings(config, num_examples: int, num_classes: int) -> Tuple[str, str]:
+  """(weight, architecture) halves of the searched dataset, or the configured splits.
+
+  Synthetic datasets are written in blocks of `num_classes` images with one of
+  each class, so cutting at a multiple of `num_classes` balances both halves.
+  """
+  if config.train_split or config.val_split:
+    if not (config.train_split and config.val_split):
+      raise ValueError('Set both train_split and val_split, or neither (then the searched '
+                       'dataset is split in halves).')
+    return config.train_split, config.val_split
+  half = num_examples // (2 * num_classes) * num_classes
+  if half < config.batch_size:
+    raise ValueError(f'The searched dataset has {num_examples} images; each half needs at '
+                     f'least batch_size={config.batch_size}.')
+  return f'train[:{half}]', f'train[{half}:]'
+
+
+def _check(config):
+  if config.mode not in bilevel.MODES:
+    raise ValueError(f'darts mode must be one of {bilevel.MODES}, got {config.mode!r}')
+  if config.loss not in ('distillation', 'cross_entropy'):
+    raise ValueError(f"darts loss must be 'distillation' or 'cross_entropy', got {config.loss!r}")
+  if config.soft_labels not in retrain.SOFT_LABELS:
+    raise ValueError(f'soft_labels must be one of {retrain.SOFT_LABELS}, '
+                     f'got {config.soft_labels!r}')
+
+
+def write_genotype_files(directory: str, epoch: int, alphas) -> space.Genotype:
+  """genotypes/epoch_NNN.json and the heat map of the softmaxed weights (latest epoch)."""
+  genotype = space.derive_genotype(alphas)
+  if jax.process_index() == 0:
+    wd.write_json(os.path.join(directory, 'genotypes', f'epoch_{epoch:03d}.json'),
+                  space.genotype_json(genotype, alphas))
+    weights = {t: np.asarray(jax.nn.softmax(jnp.asarray(alphas[t]), -1))
+               for t in space.CELL_TYPES}
+    plots.architecture_heatmap(weights, space.edge_labels(), space.PRIMITIVES,
+                               os.path.join(directory, 'alphas.png'),
+                               title=f'softmax(alpha) after epoch {epoch}')
+  return genotype
+
+
+def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.DataSource,
+           teacher: Optional[Tuple[Any, Any]]) -> Dict[str, Any]:
+  """The bilevel search; resumes from workdir/checkpoints. Returns alphas and curves."""
+  start_time = time.time()
+  steps_per_epoch = ip.steps_per_epoch(train_source, config.batch_size)
+  num_steps = config.num_epochs * steps_per_epoch
+  tx, lr_fn = weight_optimizer(config, num_steps)
+  arch_tx = arch_optimizer(config)
+  model = space.DARTSSearchNet(train_source.num_classes, config.init_channels, config.layers)
+  weight_rng, alpha_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  alphas = space.initial_alphas(alpha_rng)
+  state = SearchState(
+      weights=state_lib.create_train_state(model, weight_rng, config.image_size, tx),
+      alphas=alphas, arch_opt_state=arch_tx.init(alphas))
+  mngr = checkpointing.manager(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints,
+                               config.checkpoint_every_steps)
+  state = checkpointing.restore_latest(mngr, state) or state
+  start_step = int(state.weights.step)
+  if start_step:
+    logging.info('Resuming the search from step %d of %d.', start_step, num_steps)
+
+  writer = trainer.make_writer(workdir)
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                           every_secs=30)
+  p_step = pmap_search_step(arch_tx=arch_tx, learning_rate_fn=lr_fn, mode=config.mode,
+                            loss=config.loss, temperature=config.temperature,
+                            teacher_apply=teacher and teacher[0].apply)
+  extra_args = (steps.replicate(teacher[1]),) if teacher else ()
+
+  def batches(source, seed):
+    return ip.train_batches(source, config.batch_size, config.image_size, config.augment,
+                            seed, start_step=start_step)
+  data = flax.jax_utils.prefetch_to_device(
+      zip(batches(train_source, config.seed), batches(val_source, config.seed + 1)), 2)
+
+  rstate = steps.replicate(state)
+  history = []
+  if start_step:  # epochs logged after the restored checkpoint are redone
+    history = [h for h in wd.read_json(os.path.join(workdir, 'history.json'))
+               if h['step'] <= start_step]
+  window = None
+  for step in range(start_step + 1, num_steps + 1):
+    with jax.profiler.StepTraceAnnotation('search', step_num=step):
+      train_batch, val_batch = next(data)
+      rstate, train_m, arch_m = p_step(rstate, train_batch, val_batch, *extra_args)
+    m = flax.jax_utils.unreplicate(train_m), flax.jax_utils.unreplicate(arch_m)
+    window = m if window is None else (window[0].merge(m[0]), window[1].merge(m[1]))
+    report(step)
+    epoch_end = step % steps_per_epoch == 0 or step == num_steps
+    if step % config.log_every_steps == 0 or epoch_end:
+      scalars = {**{f'train_{k}': v for k, v in window[0].compute().items()},
+                 **window[1].compute()}
+      scalars = {k: float(v) for k, v in scalars.items()}
+      writer.write_scalars(step, scalars)
+      window = None
+      if epoch_end:
+        epoch = -(-step // steps_per_epoch)
+        alphas = jax.device_get(flax.jax_utils.unreplicate(rstate.alphas))
+        genotype = write_genotype_files(workdir, epoch, alphas)
+        history.append({'epoch': epoch, 'step': step, **scalars,
+                        'genotype': genotype.to_json()})
+        logging.info('Epoch %d: %s, genotype %s', epoch, scalars, genotype)
+    if step % config.checkpoint_every_steps == 0 or epoch_end:
+      with report.timed('checkpoint'):
+        if jax.process_index() == 0 and epoch_end:  # history before the state that ends it
+          wd.write_json(os.path.join(workdir, 'history.json'), history)
+        checkpointing.save(mngr, step, jax.device_get(flax.jax_utils.unreplicate(rstate)),
+                           force=epoch_end)
+  mngr.wait_until_finished()
+  writer.flush()
+  final = jax.device_get(flax.jax_utils.unreplicate(rstate))
+  return {'alphas': final.alphas, 'history': history, 'num_steps': num_steps,
+          'steps_per_epoch': steps_per_epoch, 'wall_time_s': time.time() - start_time}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str):
+  _check(config)
+  start = time.time()
+  phase_times = {}
+  dataset, data_info = common.synthetic_data(config, workdir)
+  phase_times['data_s'] = time.time() - start
+
+  probe = ip.get_source(dataset, 'train', config.data_dir, config.download)
+  train_split, val_split = split_strings(config, probe.num_examples, probe.num_classes)
+  train_source = ip.get_source(dataset, train_split, config.data_dir, config.download)
+  val_source = ip.get_source(dataset, val_split, config.data_dir, config.download)
+  teacher = retrain.distillation_teacher(config.loss, config)
+  if config.loss == 'distillation' and not teacher and not train_source.has_logits:
+    raise ValueError(f'Distillation needs soft labels: {dataset!r} has no `logits` feature, '
+                     "so use soft_labels='teacher'.")
+
+  t = time.time()
+  result = search(config, os.path.join(workdir, 'search'), train_source, val_source, teacher)
+  phase_times['search_s'] = time.time() - t
+  genotype = space.derive_genotype(result['alphas'])
+  r = config.retrain_network
+  name = space.architecture_name(genotype, r.init_channels, r.layers, r.auxiliary, r.drop_path)
+  if jax.process_index() == 0:
+    for cell in space.CELL_TYPES:
+      plots.cell_diagram(getattr(genotype, cell), os.path.join(workdir, f'{cell}_cell.png'),
+                         title=f'{cell} cell')
+  network = space.DARTSNet(genotype, train_source.num_classes, r.init_channels, r.layers,
+                           r.auxiliary)
+  variables = jax.eval_shape(lambda: state_lib.init_variables(
+      network, jax.random.PRNGKey(0), config.retrain.image_size))
+  num_params = int(sum(x.size for x in jax.tree_util.tree_leaves(variables['params'])))
+  logging.info('Genotype %s: %d parameters as %s', genotype, num_params, name)
+
+  t = time.time()
+  final = common.retrain_architecture(config, name, dataset, train_split, val_split,
+                                      config.loss, os.path.join(workdir, 'retrain'))
+  phase_times['retrain_s'] = time.time() - t
+
+  last = result['history'][-1] if result['history'] else {}
+  summary = {
+      'stage': 'darts', 'mode': config.mode, 'genotype': genotype.to_json(),
+      'architecture': name, 'params': num_params,
+      'search_final': {k: last.get(k) for k in ('train_loss', 'train_accuracy', 'val_loss')},
+      'search_history': [{k: v for k, v in h.items() if k != 'genotype'}
+                         for h in result['history']],
+      'search_steps': result['num_steps'], 'search_train_split': train_split,
+      'search_val_split': val_split, 'loss': config.loss, **data_info,
+      'final_accuracy': final['eval_accuracy'],
+      'final_eval_data': (f'{config.eval_dataset} {config.eval_split}'
+                          if config.eval_dataset else None),
+      'retrain_model_dir': final['model_dir'],
+      'wall_time_s': {k: round(v, 1) for k, v in phase_times.items()},
+  }
+  summary['wall_time_s']['total_s'] = round(time.time() - start, 1)
+  wd.write_summary(workdir, summary)
+  return summary

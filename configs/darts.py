@@ -1,0 +1,100 @@
+"""Data-free DARTS: synthesize -> bilevel cell search -> retrain the genotype -> evaluate.
+
+  python -m dfnas_jax.main --config=configs/darts.py          # reduced scale, 2 CPU cores
+  python -m dfnas_jax.main --config=configs/darts.py:cifar10  # the reference's scale
+  python -m dfnas_jax.main --config=configs/darts.py:smoke    # CI
+
+The default searches at reduced scale (8 channels, 3 cells, 16 px, batch 16) so a
+CPU finishes; the search network is then a quarter of the reference's depth.
+Real-data evaluation of the retrained network, offline copy of CIFAR-10:
+  --config.eval_dataset=cifar10_jpeg --config.eval_data_dir=/path/to/tfds \
+  --config.eval_split='train[45000:]'
+Search on real data with hard labels instead (the comparison experiments):
+  --config.dataset=cifar10_jpeg --config.data_dir=... --config.train_split='train[:22500]' \
+  --config.val_split='train[22500:45000]' --config.loss=cross_entropy --config.augment=cifar \
+  --config.retrain.augment=cifar
+"""
+import ml_collections
+from ml_collections import config_dict
+
+from configs import retrain as retrain_config
+from configs import synthesize as synthesize_config
+
+
+def get_config(preset: str = '') -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = 'darts'
+  c.seed = 0
+  c.teacher = 'cifar10_resnet20'
+  c.teacher_checkpoint = ''
+
+  # Data searched on: '' synthesizes WORKDIR/synthesize (reused if already there).
+  c.dataset = ''
+  c.data_dir = config_dict.placeholder(str)
+  c.download = True
+  c.synthesis = synthesize_config.get_config()
+  c.synthesis.images_per_round, c.synthesis.num_rounds = 128, 3  # 384 images, ~4 min on CPU
+  c.train_split = ''             # '' = first half (weights) / second half (architecture)
+  c.val_split = ''
+  c.loss = 'distillation'        # | cross_entropy (hard labels, real data)
+  c.soft_labels = 'stored'       # stored logits | teacher (recomputed per augmented batch)
+  c.temperature = 3.0
+
+  # Search network and bilevel optimization (reference values unless noted).
+  c.mode = 'exact'               # exact second order | first_order | finite_difference
+  c.init_channels = 8            # reference 16
+  c.layers = 3                   # reference 8 cells
+  c.image_size = 16              # reference 32: the synthetic images resized
+  c.augment = 'none'             # the stored soft labels are for the whole image
+  c.batch_size = 16              # reference 64
+  c.num_epochs = 5               # reference 50
+  c.learning_rate = 0.025
+  c.learning_rate_min = 0.001
+  c.momentum = 0.9
+  c.weight_decay = 3e-4
+  c.grad_clip = 5.0
+  c.arch_learning_rate = 3e-4
+  c.arch_weight_decay = 1e-3
+  c.log_every_steps = 12
+  c.checkpoint_every_steps = 12
+  c.keep_checkpoints = 2
+
+  # The network retrained from the genotype, and its training (configs/retrain.py fields).
+  c.retrain_network = ml_collections.ConfigDict(dict(
+      init_channels=12, layers=5, auxiliary=False, drop_path=0.0))
+  c.retrain = retrain_config.get_config()
+  c.retrain.batch_size = 32
+  c.retrain.num_train_steps = 150
+  c.retrain.learning_rate = 0.05
+  c.retrain.weight_decay = 3e-4
+  c.retrain.warmup_epochs = 0.0
+  c.retrain.checkpoint_every_steps = 50
+  c.retrain.aux_weight = 0.4     # used when retrain_network.auxiliary
+
+  # Real-data evaluation of the retrained network ('' to skip).
+  c.eval_dataset = 'cifar10'
+  c.eval_data_dir = config_dict.placeholder(str)
+  c.eval_split = 'test'
+
+  if preset == 'smoke':
+    c.synthesis = synthesize_config.get_config('smoke')
+    c.init_channels, c.layers, c.image_size, c.batch_size = 2, 3, 8, 4
+    c.num_epochs = 2
+    c.log_every_steps = c.checkpoint_every_steps = 2
+    c.retrain_network.update(init_channels=4, layers=3, auxiliary=True, drop_path=0.2)
+    c.retrain = retrain_config.get_config('smoke')
+    c.retrain.aux_weight = 0.4
+    c.eval_split = 'test[:64]'
+  elif preset == 'cifar10':
+    c.synthesis.images_per_round, c.synthesis.num_rounds = 256, 100   # 25,600 images
+    c.init_channels, c.layers, c.image_size, c.batch_size = 16, 8, 32, 64
+    c.augment, c.num_epochs = 'crop', 50
+    c.soft_labels = 'teacher'
+    c.log_every_steps, c.checkpoint_every_steps = 50, 200
+    c.retrain_network.update(init_channels=36, layers=20, auxiliary=True, drop_path=0.2)
+    c.retrain.batch_size, c.retrain.num_epochs, c.retrain.num_train_steps = 96, 600.0, -1
+    c.retrain.learning_rate, c.retrain.lr_schedule = 0.025, 'cosine'
+    c.retrain.checkpoint_every_steps = 1000
+  elif preset:
+    raise ValueError(f"Unknown preset {preset!r} for darts; presets: '', 'smoke', 'cifar10'")
+  return c
