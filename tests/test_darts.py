@@ -90,17 +90,17 @@ def test_search_network_shapes_and_architecture_inputs():
   # Cells 1 and 2 reduce (layers // 3, 2 * layers // 3).
   assert sorted(params) == ['cell0', 'cell1', 'cell2', 'classifier', 'stem_bn', 'stem_conv']
   assert 'preprocess0' in params['cell2'] and 'conv_1' in params['cell2']['preprocess0']
-  # Edges leaving the same states share one vmapped module: 8 from the inputs, then 3, 2, 1.
-  # Each holds the 4 convolutions; pools, 'none' and an identity skip have no parameters,
-  # but a strided skip (reduction cell edges from inputs 0 and 1) is FactorizedReduce.
-  groups = {'edges_from_01': 8, 'edges_from_2': 3, 'edges_from_3': 2, 'edges_from_4': 1}
+  # The 8 edges from the cell inputs and the 6 between nodes are two scans over stacked
+  # parameters. Each edge holds the 4 convolutions; pools, 'none' and an identity skip have
+  # none, but a strided skip (reduction cell edges from the inputs) is FactorizedReduce.
+  convs = {'sep_conv_3x3', 'sep_conv_5x5', 'dil_conv_3x3', 'dil_conv_5x5'}
   for cell, strided_skip in (('cell0', False), ('cell1', True)):
-    assert sorted(k for k in params[cell] if k.startswith('edges')) == sorted(groups)
-    for group, num_edges in groups.items():
-      ops = params[cell][group]
-      expected = {'sep_conv_3x3', 'sep_conv_5x5', 'dil_conv_3x3', 'dil_conv_5x5'}
-      assert set(ops) == expected | ({'skip_connect'} if strided_skip and group.endswith('01')
-                                     else set())
+    assert sorted(k for k in params[cell] if k.startswith('edges')) == [
+        'edges_from_inputs', 'edges_from_nodes']
+    for group, num_edges in (('edges_from_inputs', 8), ('edges_from_nodes', 6)):
+      ops = params[cell][group]['edge']
+      strided = strided_skip and group == 'edges_from_inputs'
+      assert set(ops) == convs | ({'skip_connect'} if strided else set())
       assert {x.shape[0] for x in jax.tree_util.tree_leaves(ops)} == {num_edges}
   out = jax.eval_shape(lambda v: model.apply(v, images, alphas), variables)
   assert out.shape == (2, 10)
