@@ -15,25 +15,16 @@ Search on real data with hard labels instead (the comparison experiments):
   --config.retrain.augment=cifar
 """
 import ml_collections
-from ml_collections import config_dict
 
 from configs import retrain as retrain_config
+from configs import search_data
 from configs import synthesize as synthesize_config
 
 
 def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = 'darts'
-  c.seed = 0
-  c.teacher = 'cifar10_resnet20'
-  c.teacher_checkpoint = ''
-
-  # Data searched on: '' synthesizes WORKDIR/synthesize (reused if already there).
-  c.dataset = ''
-  c.data_dir = config_dict.placeholder(str)
-  c.download = True
-  c.synthesis = synthesize_config.get_config()
-  c.synthesis.images_per_round, c.synthesis.num_rounds = 128, 3  # 384 images, ~4 min on CPU
+  search_data.add_teacher_and_data(c)
   c.train_split = ''             # '' = first half (weights) / second half (architecture)
   c.val_split = ''
   c.loss = 'distillation'        # | cross_entropy (hard labels, real data)
@@ -71,10 +62,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.retrain.checkpoint_every_steps = 50
   c.retrain.aux_weight = 0.4     # used when retrain_network.auxiliary
 
-  # Real-data evaluation of the retrained network ('' to skip).
-  c.eval_dataset = 'cifar10'
-  c.eval_data_dir = config_dict.placeholder(str)
-  c.eval_split = 'test'
+  search_data.add_real_evaluation(c)
 
   if preset == 'smoke':
     c.synthesis = synthesize_config.get_config('smoke')

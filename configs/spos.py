@@ -14,9 +14,9 @@ Search on real data with hard labels instead (the comparison experiments):
 (the retrain stage then trains on train_split + val_split with hard labels).
 """
 import ml_collections
-from ml_collections import config_dict
 
 from configs import retrain as retrain_config
+from configs import search_data
 from configs import synthesize as synthesize_config
 
 
@@ -48,16 +48,7 @@ def _trainer(batch_size, steps, lr, weight_decay, image_size, augment, loss='dis
 def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = 'spos'
-  c.seed = 0
-  c.teacher = 'cifar10_resnet20'
-  c.teacher_checkpoint = ''
-
-  # Data searched on: '' synthesizes WORKDIR/synthesize (reused if already there).
-  c.dataset = ''
-  c.data_dir = config_dict.placeholder(str)
-  c.download = True
-  c.synthesis = synthesize_config.get_config()
-  c.synthesis.images_per_round, c.synthesis.num_rounds = 128, 3  # 384 images, ~4 min on CPU
+  search_data.add_teacher_and_data(c)
   c.val_per_class = 8            # held out from the synthetic set for the search
   c.train_split = ''             # explicit splits override val_per_class (real data)
   c.val_split = ''
@@ -86,10 +77,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.retrain.weight_decay = 4e-5
   c.retrain.checkpoint_every_steps = 50
 
-  # Real-data evaluation of the retrained architecture ('' to skip).
-  c.eval_dataset = 'cifar10'
-  c.eval_data_dir = config_dict.placeholder(str)
-  c.eval_split = 'test'
+  search_data.add_real_evaluation(c)
 
   if preset == 'smoke':
     c.synthesis = synthesize_config.get_config('smoke')

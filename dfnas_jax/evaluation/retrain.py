@@ -18,6 +18,11 @@ from dfnas_jax.train import trainer
 SOFT_LABELS = ('stored', 'teacher')
 
 
+def check_soft_labels(config) -> None:
+  if config.soft_labels not in SOFT_LABELS:
+    raise ValueError(f'soft_labels must be one of {SOFT_LABELS}, got {config.soft_labels!r}')
+
+
 def distillation_teacher(loss: str, config):
   """(module, variables) when soft labels are the teacher's on each batch, else None.
 
@@ -30,8 +35,7 @@ def distillation_teacher(loss: str, config):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
-  if config.soft_labels not in SOFT_LABELS:
-    raise ValueError(f'soft_labels must be one of {SOFT_LABELS}, got {config.soft_labels!r}')
+  check_soft_labels(config)
   train_source = ip.get_source(config.dataset, config.train_split, config.data_dir,
                                config.download)
   eval_source = (ip.get_source(config.eval_dataset, config.eval_split, config.eval_data_dir,

@@ -127,9 +127,7 @@ def _check(config):
     raise ValueError(f'darts mode must be one of {bilevel.MODES}, got {config.mode!r}')
   if config.loss not in ('distillation', 'cross_entropy'):
     raise ValueError(f"darts loss must be 'distillation' or 'cross_entropy', got {config.loss!r}")
-  if config.soft_labels not in retrain.SOFT_LABELS:
-    raise ValueError(f'soft_labels must be one of {retrain.SOFT_LABELS}, '
-                     f'got {config.soft_labels!r}')
+  retrain.check_soft_labels(config)
 
 
 def write_genotype_files(directory: str, epoch: int, alphas) -> space.Genotype:
@@ -233,9 +231,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   train_source = ip.get_source(dataset, train_split, config.data_dir, config.download)
   val_source = ip.get_source(dataset, val_split, config.data_dir, config.download)
   teacher = retrain.distillation_teacher(config.loss, config)
-  if config.loss == 'distillation' and not teacher and not train_source.has_logits:
-    raise ValueError(f'Distillation needs soft labels: {dataset!r} has no `logits` feature, '
-                     "so use soft_labels='teacher'.")
+  trainer.require_soft_labels(config.loss, teacher, train_source)
 
   t = time.time()
   result = search(config, os.path.join(workdir, 'search'), train_source, val_source, teacher)

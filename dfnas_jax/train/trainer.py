@@ -32,6 +32,14 @@ def evaluate_batches(variables, batches, p_eval_step) -> Dict[str, float]:
   return {k: float(v) for k, v in total.compute().items()}
 
 
+def require_soft_labels(loss: str, teacher, source: ip.DataSource) -> None:
+  """Distillation without a teacher reads the dataset's stored `logits`."""
+  if loss == 'distillation' and not teacher and not source.has_logits:
+    raise ValueError(f'Distillation needs soft labels: dataset {source.builder.name!r} has no '
+                     "`logits` feature, so configure a teacher to compute them "
+                     "(soft_labels='teacher').")
+
+
 def make_writer(workdir: str):
   return metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=False)
@@ -91,9 +99,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
       dropout_rng=jax.random.PRNGKey(config.seed + 1),
       aux_weight=config.get('aux_weight', 0.0))
   extra_args = (steps.replicate(teacher[1]),) if teacher else ()
-  if config.loss == 'distillation' and not teacher and not train_source.has_logits:
-    raise ValueError(f'Distillation needs soft labels: dataset {train_source.builder.name!r} '
-                     'has no `logits` feature, so configure a teacher to compute them.')
+  require_soft_labels(config.loss, teacher, train_source)
   p_eval_step = steps.pmap_eval_step(model.apply)
   batches = flax.jax_utils.prefetch_to_device(
       ip.train_batches(train_source, config.batch_size, config.image_size, config.augment,

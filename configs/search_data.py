@@ -1,0 +1,24 @@
+"""Config fields every NAS stage shares: the teacher, the searched data, real evaluation."""
+import ml_collections
+from ml_collections import config_dict
+
+from configs import synthesize as synthesize_config
+
+
+def add_teacher_and_data(c: ml_collections.ConfigDict) -> None:
+  """The teacher and the data searched on; '' synthesizes WORKDIR/synthesize (reused)."""
+  c.seed = 0
+  c.teacher = 'cifar10_resnet20'
+  c.teacher_checkpoint = ''
+  c.dataset = ''
+  c.data_dir = config_dict.placeholder(str)
+  c.download = True
+  c.synthesis = synthesize_config.get_config()
+  c.synthesis.images_per_round, c.synthesis.num_rounds = 128, 3  # 384 images, ~4 min on CPU
+
+
+def add_real_evaluation(c: ml_collections.ConfigDict) -> None:
+  """Real-data evaluation of the retrained architecture (eval_dataset '' to skip)."""
+  c.eval_dataset = 'cifar10'
+  c.eval_data_dir = config_dict.placeholder(str)
+  c.eval_split = 'test'
