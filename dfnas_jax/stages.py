@@ -8,6 +8,7 @@ STAGES = {
     'retrain': 'dfnas_jax.evaluation.retrain',
     'spos': 'dfnas_jax.nas.spos',
     'darts': 'dfnas_jax.nas.darts',
+    'proxylessnas': 'dfnas_jax.nas.proxyless',
 }
 
 

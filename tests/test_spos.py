@@ -12,6 +12,7 @@ import pytest
 
 from dfnas_jax import models, teachers
 from dfnas_jax.models import layers, spos
+from dfnas_jax.nas import common as nas_common
 from dfnas_jax.nas import evolution
 from dfnas_jax.nas import spos as spos_stage
 from dfnas_jax.train import state as state_lib
@@ -139,7 +140,7 @@ def test_candidate_scores_recalibrate_bn_and_do_not_recompile():
   calibration = [{'image': images, 'label': np.zeros((1, 8), np.int32)}]
   held_out = [{'image': images, 'label': np.arange(8, dtype=np.int32)[None] % 10,
                'mask': np.ones((1, 8), np.float32)}]
-  evaluator = spos_stage.CandidateEvaluator(model, variables, calibration, held_out)
+  evaluator = nas_common.SubnetEvaluator(model, variables, calibration, held_out)
   scores = [evaluator((0, 1, 2, 3))]
   compiles = []
   jax.monitoring.register_event_duration_secs_listener(

@@ -4,7 +4,7 @@ from typing import Any, Callable, Dict
 
 import jax.numpy as jnp
 
-from dfnas_jax.models import darts, resnet, spos
+from dfnas_jax.models import darts, proxyless, resnet, spos
 
 # name -> factory(num_classes, **overrides) -> flax Module taking images in [0, 1].
 _CIFAR = dict(block=resnet.BasicBlock, widths=(16, 32, 64), stem='cifar',
@@ -26,9 +26,10 @@ ARCHITECTURES: Dict[str, Callable[..., Any]] = {
 def build_model(name: str, num_classes: int, dtype: Any = jnp.float32, **overrides):
   """Returns the flax Module for architecture `name`.
 
-  Besides ARCHITECTURES, SPOS names: a space of `spos.SPACES` is its supernet,
-  `'<space>:<one digit per layer>'` one stand-alone architecture of it; DARTS
-  genotype networks `'darts:...'` (`darts.architecture_name`).
+  Besides ARCHITECTURES, SPOS and ProxylessNAS names: a space of `spos.SPACES`
+  or `proxyless.SPACES` is its supernet, `'<space>:<one digit per layer>'` one
+  stand-alone architecture of it; DARTS genotype networks `'darts:...'`
+  (`darts.architecture_name`).
   """
   if name.startswith('darts:'):
     return darts.DARTSNet(num_classes=num_classes, dtype=dtype,
@@ -36,8 +37,13 @@ def build_model(name: str, num_classes: int, dtype: Any = jnp.float32, **overrid
   if name.split(':')[0] in spos.SPACES:
     space, choices = spos.parse_name(name)
     return spos.SPOSNet(spos.SPACES[space], num_classes, choices, dtype=dtype, **overrides)
+  if name.split(':')[0] in proxyless.SPACES:
+    space, choices = proxyless.parse_name(name)
+    return proxyless.ProxylessNet(proxyless.SPACES[space], num_classes, choices, dtype=dtype,
+                                  **overrides)
   if name not in ARCHITECTURES:
     raise ValueError(f'Unknown architecture {name!r}; known: {sorted(ARCHITECTURES)} and the '
-                     f'SPOS spaces {sorted(spos.SPACES)} (optionally ":<choices>"), or a DARTS '
+                     f'SPOS spaces {sorted(spos.SPACES)} and ProxylessNAS spaces '
+                     f'{sorted(proxyless.SPACES)} (optionally ":<choices>"), or a DARTS '
                      "genotype network 'darts:...'.")
   return ARCHITECTURES[name](num_classes=num_classes, dtype=dtype, **overrides)

@@ -1,5 +1,6 @@
-"""Building blocks shared by the search spaces: initializer and depthwise convolution."""
-from typing import Any
+"""Building blocks shared by the search spaces: initializer, depthwise convolution, choice layers."""
+import re
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -64,3 +65,48 @@ class DepthwiseConv(nn.Module):
     kernel = self.param('kernel', conv_init, (self.kernel_size, self.kernel_size, 1, channels))
     return depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride,
                           self.dilation, self.cpu_method)
+
+
+# --- Choice layers of one-shot supernets (SPOS, ProxylessNAS) ---------------------------
+#
+# A supernet's searched layer `layer{i}` holds its candidates as `choices_{c}`, and the
+# path is a *traced* integer per layer, so one compiled step serves every path.
+
+
+def run_choice(module: nn.Module, choice, branches: Sequence[Callable], x):
+  """`branches[choice](module, x)` through `nn.switch`.
+
+  At initialization every branch runs, so every choice gets its variables.
+  """
+  if module.is_mutable_collection('params'):
+    return jnp.stack([branch(module, x) for branch in branches])[choice]
+  return nn.switch(choice, branches, module, x)
+
+
+_CHOICE_PATH = re.compile(r'layer(\d+)$'), re.compile(r'choices_(\d+)$')
+
+
+def _choice_of(path) -> Optional[Tuple[int, int]]:
+  """(layer, choice) if a pytree path runs through `layer{i}/choices_{c}`, else None."""
+  names = [getattr(k, 'key', None) for k in path]
+  for a, b in zip(names, names[1:]):
+    if isinstance(a, str) and isinstance(b, str):
+      layer, choice = _CHOICE_PATH[0].match(a), _CHOICE_PATH[1].match(b)
+      if layer and choice:
+        return int(layer.group(1)), int(choice.group(1))
+  return None
+
+
+def keep_unused(new_tree, old_tree, architecture):
+  """`new_tree` where the path `architecture` used the parameter, `old_tree` elsewhere.
+
+  Works on params and on optimizer states that mirror them (momentum traces), so
+  choices a step did not use get no update at all: no momentum, no weight decay
+  (PyTorch references skip parameters without a gradient).
+  """
+  def select(path, new, old):
+    where = _choice_of(path)
+    if where is None:
+      return new
+    return jnp.where(architecture[where[0]] == where[1], new, old)
+  return jax.tree_util.tree_map_with_path(select, new_tree, old_tree)

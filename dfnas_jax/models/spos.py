@@ -16,10 +16,9 @@ from functools import partial
 from typing import Any, Iterator, Optional, Sequence, Tuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from dfnas_jax.models.layers import DepthwiseConv, conv_init, out_side
+from dfnas_jax.models.layers import DepthwiseConv, conv_init, out_side, run_choice
 from dfnas_jax.models.resnet import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 
 CHOICES = ('shufflenet_3x3', 'shufflenet_5x5', 'shufflenet_7x7', 'xception')
@@ -141,7 +140,11 @@ class ChoiceBlock(nn.Module):
 
 
 class ChoiceLayer(nn.Module):
-  """All NUM_CHOICES blocks of one layer; `nn.switch` runs the selected one."""
+  """All NUM_CHOICES blocks of one layer; `nn.switch` runs the selected one.
+
+  Named `layer{i}` with children `choices_{c}`: the convention `layers.keep_unused`
+  relies on.
+  """
   out_channels: int
   stride: int
   block: Any  # partial(ChoiceBlock) with the shared settings
@@ -151,9 +154,7 @@ class ChoiceLayer(nn.Module):
 
   def __call__(self, x, choice, train: bool = False):
     branches = [lambda mdl, y, c=c: mdl.choices[c](y, train) for c in range(NUM_CHOICES)]
-    if self.is_mutable_collection('params'):  # init: create every choice's variables
-      return jnp.stack([branch(self, x) for branch in branches])[choice]
-    return nn.switch(choice, branches, self, x)
+    return run_choice(self, choice, branches, x)
 
 
 class SPOSNet(nn.Module):
@@ -207,36 +208,6 @@ class SPOSNet(nn.Module):
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, name='fc')(x)
     return x.astype(jnp.float32)
-
-
-# --- Which parameters a path uses ------------------------------------------------------
-
-_CHOICE_PATH = re.compile(r'layer(\d+)$'), re.compile(r'choices_(\d+)$')
-
-
-def _choice_of(path) -> Optional[Tuple[int, int]]:
-  """(layer, choice) if a pytree path runs through `layer{i}/choices_{c}`, else None."""
-  names = [getattr(k, 'key', None) for k in path]
-  for a, b in zip(names, names[1:]):
-    if isinstance(a, str) and isinstance(b, str):
-      layer, choice = _CHOICE_PATH[0].match(a), _CHOICE_PATH[1].match(b)
-      if layer and choice:
-        return int(layer.group(1)), int(choice.group(1))
-  return None
-
-
-def keep_unused(new_tree, old_tree, architecture):
-  """`new_tree` where the path `architecture` used the parameter, `old_tree` elsewhere.
-
-  Works on params and on optimizer states that mirror them (momentum traces), so
-  choices a step did not use get no update at all: no momentum, no weight decay.
-  """
-  def select(path, new, old):
-    where = _choice_of(path)
-    if where is None:
-      return new
-    return jnp.where(architecture[where[0]] == where[1], new, old)
-  return jax.tree_util.tree_map_with_path(select, new_tree, old_tree)
 
 
 # --- Analytic cost -------------------------------------------------------------------

@@ -1,13 +1,99 @@
 """What every NAS stage shares: the data it searches on and the final retraining."""
 import os
-from typing import Any, Dict, Tuple
+import time
+from typing import Any, Callable, Dict, List, NamedTuple, Sequence, Tuple
 
+import flax
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import numpy as np
 import ml_collections
+import orbax.checkpoint as ocp
 from absl import logging
 
 from dfnas_jax import workdir as wd
+from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.evaluation import retrain
 from dfnas_jax.synthesis import synthesize
+from dfnas_jax.train import checkpointing
+from dfnas_jax.train import state as state_lib
+from dfnas_jax.train import steps, trainer
+
+
+class SubnetEvaluator:
+  """Scores a path of a one-shot supernet without recompiling per path (SPOS, ProxylessNAS).
+
+  BatchNorm statistics are recomputed for the path as the average of the batch
+  statistics of `calibration` batches (the reference resets them and takes a
+  cumulative average), then accuracy is measured on the held-out batches.
+  """
+
+  def __init__(self, model, variables, calibration, held_out):
+    self.rvariables = steps.replicate(variables)
+    self.calibration, self.held_out = calibration, held_out
+    calibrating = model.clone(bn_momentum=0.0)  # running stats := this batch's stats
+
+    def batch_stats(variables, batch):
+      _, updates = calibrating.apply(
+          variables, batch['image'], architecture=batch['arch'], train=True,
+          mutable=['batch_stats'], rngs={'dropout': jax.random.PRNGKey(0)})
+      return updates['batch_stats']
+
+    self.p_batch_stats = jax.pmap(batch_stats, axis_name=steps.AXIS)
+    self.p_eval = steps.pmap_eval_step(model.apply)
+
+  def set_variables(self, replicated_variables) -> None:
+    """Scores the supernet with these (already replicated) variables from now on."""
+    self.rvariables = replicated_variables
+
+  def __call__(self, arch: Sequence[int]) -> float:
+    n_dev = jax.local_device_count()
+    arch = np.tile(np.asarray(arch, np.int32), (n_dev, 1))
+    total = None
+    for batch in self.calibration:
+      stats = self.p_batch_stats(self.rvariables, dict(batch, arch=arch))
+      total = stats if total is None else jax.tree_util.tree_map(jnp.add, total, stats)
+    stats = jax.tree_util.tree_map(lambda s: s / len(self.calibration), total)
+    variables = {'params': self.rvariables['params'], 'batch_stats': stats}
+    held_out = (dict(batch, arch=arch) for batch in self.held_out)
+    return trainer.evaluate_batches(variables, held_out, self.p_eval)['accuracy']
+
+
+class SearchState(flax.struct.PyTreeNode):
+  """A differentiable search's network weights (with BN statistics and SGD state),
+  architecture logits and their optimizer state."""
+  weights: state_lib.TrainState
+  alphas: Any
+  arch_opt_state: Any
+
+
+def restore_search(workdir: str, config, state: SearchState,
+                   num_steps: int) -> Tuple[ocp.CheckpointManager, SearchState, int, List[Dict]]:
+  """(checkpoint manager, state, start step, history) of a search in `workdir`.
+
+  Resumes from the latest checkpoint. Per-epoch history entries logged after it
+  are dropped, since those epochs are redone.
+  """
+  mngr = checkpointing.manager(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints,
+                               config.checkpoint_every_steps)
+  restored = checkpointing.restore_latest(mngr, state)
+  if restored is None:
+    return mngr, state, 0, []
+  start_step = int(restored.weights.step)
+  logging.info('Resuming the search from step %d of %d.', start_step, num_steps)
+  history_path = os.path.join(workdir, 'history.json')
+  history = wd.read_json(history_path) if os.path.exists(history_path) else []
+  return mngr, restored, start_step, [h for h in history if h['step'] <= start_step]
+
+
+def save_search(mngr: ocp.CheckpointManager, workdir: str, step: int, rstate: SearchState,
+                history: List[Dict], epoch_end: bool) -> None:
+  """Checkpoints replicated `rstate`; at an epoch's end first the history that ends it."""
+  if jax.process_index() == 0 and epoch_end:
+    wd.write_json(os.path.join(workdir, 'history.json'), history)
+  checkpointing.save(mngr, step, jax.device_get(flax.jax_utils.unreplicate(rstate)),
+                     force=epoch_end)
 
 
 def synthetic_data(config, workdir: str) -> Tuple[str, Dict[str, Any]]:
@@ -25,8 +111,48 @@ def synthetic_data(config, workdir: str) -> Tuple[str, Dict[str, Any]]:
                                  'num_images': summary['num_images']}
 
 
-def retrain_architecture(config, architecture: str, dataset: str, train_split: str,
-                         val_split: str, loss: str, workdir: str) -> Dict[str, Any]:
+class SearchData(NamedTuple):
+  """The searched dataset, cut into the search's two splits."""
+  dataset: str
+  info: Dict[str, Any]  # for summary.json
+  train_split: str
+  val_split: str
+  train: ip.DataSource
+  val: ip.DataSource
+  seconds: float  # spent synthesizing (or finding) the dataset
+
+
+def search_data(config, workdir: str,
+                splits: Callable[[int, int], Tuple[str, str]]) -> SearchData:
+  """`synthetic_data`, split by `splits(num_examples, num_classes)`."""
+  start = time.time()
+  dataset, info = synthetic_data(config, workdir)
+  seconds = time.time() - start
+  probe = ip.get_source(dataset, 'train', config.data_dir, config.download)
+  train_split, val_split = splits(probe.num_examples, probe.num_classes)
+  source = lambda split: ip.get_source(dataset, split, config.data_dir, config.download)
+  return SearchData(dataset, info, train_split, val_split, source(train_split),
+                    source(val_split), seconds)
+
+
+def held_out_splits(config, num_classes: int) -> Tuple[str, str]:
+  """(train, held-out validation) splits of the searched dataset (one-shot searches).
+
+  Synthetic datasets are written in blocks of `num_classes` images with one of
+  each target class, so the first `val_per_class * num_classes` images hold
+  `val_per_class` images of every class.
+  """
+  if config.train_split or config.val_split:
+    if not (config.train_split and config.val_split):
+      raise ValueError('Set both train_split and val_split, or neither (then the first '
+                       'val_per_class images of each class validate).')
+    return config.train_split, config.val_split
+  n = config.val_per_class * num_classes
+  return f'train[{n}:]', f'train[:{n}]'
+
+
+def retrain_architecture(config, architecture: str, data: SearchData, loss: str,
+                         workdir: str) -> Dict[str, Any]:
   """Trains the found `architecture` from scratch with `config.retrain` on all searched data.
 
   That is the whole synthetic set, or both configured real splits; evaluation
@@ -34,10 +160,18 @@ def retrain_architecture(config, architecture: str, dataset: str, train_split: s
   """
   rc = ml_collections.ConfigDict(config.retrain.to_dict())
   rc.architecture = architecture
-  rc.dataset, rc.data_dir = dataset, config.data_dir
-  rc.train_split = f'{train_split}+{val_split}' if config.train_split else 'train'
+  rc.dataset, rc.data_dir = data.dataset, config.data_dir
+  rc.train_split = f'{data.train_split}+{data.val_split}' if config.train_split else 'train'
   rc.teacher, rc.teacher_checkpoint = config.teacher, config.teacher_checkpoint
   rc.soft_labels, rc.loss = config.soft_labels, loss
   rc.eval_dataset, rc.eval_data_dir, rc.eval_split = (config.eval_dataset, config.eval_data_dir,
                                                       config.eval_split)
   return retrain.run(rc, workdir)
+
+
+def final_results(config, final: Dict[str, Any]) -> Dict[str, Any]:
+  """summary.json's entries for the retrained architecture."""
+  return {'final_accuracy': final['eval_accuracy'],
+          'final_eval_data': (f'{config.eval_dataset} {config.eval_split}'
+                              if config.eval_dataset else None),
+          'retrain_model_dir': final['model_dir']}

@@ -31,18 +31,10 @@ from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.evaluation import retrain
 from dfnas_jax.models import darts as space
 from dfnas_jax.nas import bilevel, common
-from dfnas_jax.train import checkpointing
 from dfnas_jax.train import state as state_lib
 from dfnas_jax.train import steps, trainer
 
 AXIS = steps.AXIS
-
-
-class SearchState(flax.struct.PyTreeNode):
-  """The network's weights (with BN statistics and SGD state) and the architecture."""
-  weights: state_lib.TrainState
-  alphas: Dict[str, jax.Array]
-  arch_opt_state: Any
 
 
 @flax.struct.dataclass
@@ -66,8 +58,8 @@ def arch_optimizer(config) -> optax.GradientTransformation:
                      optax.adam(config.arch_learning_rate, b1=0.5, b2=0.999))
 
 
-def search_step(state: SearchState, train_batch, val_batch, teacher_variables=None, *,
-                arch_tx: optax.GradientTransformation, learning_rate_fn, mode: str, loss: str,
+def search_step(state: common.SearchState, train_batch, val_batch, teacher_variables=None,
+                *, arch_tx: optax.GradientTransformation, learning_rate_fn, mode: str, loss: str,
                 temperature: float, teacher_apply=None):
   """One architecture step on `val_batch`, then one weight step on `train_batch`.
 
@@ -95,7 +87,7 @@ def search_step(state: SearchState, train_batch, val_batch, teacher_variables=No
       w, dict(train_batch, alphas=alphas), learning_rate_fn=learning_rate_fn, loss=loss,
       temperature=temperature)
   arch_metrics = ArchMetrics.gather_from_model_output(axis_name=AXIS, val_loss=val_loss)
-  return (SearchState(weights=weights, alphas=alphas, arch_opt_state=arch_opt_state),
+  return (common.SearchState(weights=weights, alphas=alphas, arch_opt_state=arch_opt_state),
           train_metrics, arch_metrics)
 
 
@@ -155,15 +147,10 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
   model = space.DARTSSearchNet(train_source.num_classes, config.init_channels, config.layers)
   weight_rng, alpha_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   alphas = space.initial_alphas(alpha_rng)
-  state = SearchState(
+  state = common.SearchState(
       weights=state_lib.create_train_state(model, weight_rng, config.image_size, tx),
       alphas=alphas, arch_opt_state=arch_tx.init(alphas))
-  mngr = checkpointing.manager(os.path.join(workdir, 'checkpoints'), config.keep_checkpoints,
-                               config.checkpoint_every_steps)
-  state = checkpointing.restore_latest(mngr, state) or state
-  start_step = int(state.weights.step)
-  if start_step:
-    logging.info('Resuming the search from step %d of %d.', start_step, num_steps)
+  mngr, state, start_step, history = common.restore_search(workdir, config, state, num_steps)
 
   writer = trainer.make_writer(workdir)
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
@@ -180,10 +167,6 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
       zip(batches(train_source, config.seed), batches(val_source, config.seed + 1)), 2)
 
   rstate = steps.replicate(state)
-  history = []
-  if start_step:  # epochs logged after the restored checkpoint are redone
-    history = [h for h in wd.read_json(os.path.join(workdir, 'history.json'))
-               if h['step'] <= start_step]
   window = None
   for step in range(start_step + 1, num_steps + 1):
     with jax.profiler.StepTraceAnnotation('search', step_num=step):
@@ -208,10 +191,7 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
         logging.info('Epoch %d: %s, genotype %s', epoch, scalars, genotype)
     if step % config.checkpoint_every_steps == 0 or epoch_end:
       with report.timed('checkpoint'):
-        if jax.process_index() == 0 and epoch_end:  # history before the state that ends it
-          wd.write_json(os.path.join(workdir, 'history.json'), history)
-        checkpointing.save(mngr, step, jax.device_get(flax.jax_utils.unreplicate(rstate)),
-                           force=epoch_end)
+        common.save_search(mngr, workdir, step, rstate, history, epoch_end)
   mngr.wait_until_finished()
   writer.flush()
   final = jax.device_get(flax.jax_utils.unreplicate(rstate))
@@ -222,14 +202,9 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
 def run(config: ml_collections.ConfigDict, workdir: str):
   _check(config)
   start = time.time()
-  phase_times = {}
-  dataset, data_info = common.synthetic_data(config, workdir)
-  phase_times['data_s'] = time.time() - start
-
-  probe = ip.get_source(dataset, 'train', config.data_dir, config.download)
-  train_split, val_split = split_strings(config, probe.num_examples, probe.num_classes)
-  train_source = ip.get_source(dataset, train_split, config.data_dir, config.download)
-  val_source = ip.get_source(dataset, val_split, config.data_dir, config.download)
+  data = common.search_data(config, workdir, functools.partial(split_strings, config))
+  phase_times = {'data_s': data.seconds}
+  train_source, val_source = data.train, data.val
   teacher = retrain.distillation_teacher(config.loss, config)
   trainer.require_soft_labels(config.loss, teacher, train_source)
 
@@ -251,8 +226,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   logging.info('Genotype %s: %d parameters as %s', genotype, num_params, name)
 
   t = time.time()
-  final = common.retrain_architecture(config, name, dataset, train_split, val_split,
-                                      config.loss, os.path.join(workdir, 'retrain'))
+  final = common.retrain_architecture(config, name, data, config.loss,
+                                      os.path.join(workdir, 'retrain'))
   phase_times['retrain_s'] = time.time() - t
 
   last = result['history'][-1] if result['history'] else {}
@@ -262,12 +237,9 @@ def run(config: ml_collections.ConfigDict, workdir: str):
       'search_final': {k: last.get(k) for k in ('train_loss', 'train_accuracy', 'val_loss')},
       'search_history': [{k: v for k, v in h.items() if k != 'genotype'}
                          for h in result['history']],
-      'search_steps': result['num_steps'], 'search_train_split': train_split,
-      'search_val_split': val_split, 'loss': config.loss, **data_info,
-      'final_accuracy': final['eval_accuracy'],
-      'final_eval_data': (f'{config.eval_dataset} {config.eval_split}'
-                          if config.eval_dataset else None),
-      'retrain_model_dir': final['model_dir'],
+      'search_steps': result['num_steps'], 'search_train_split': data.train_split,
+      'search_val_split': data.val_split, 'loss': config.loss, **data.info,
+      **common.final_results(config, final),
       'wall_time_s': {k: round(v, 1) for k, v in phase_times.items()},
   }
   summary['wall_time_s']['total_s'] = round(time.time() - start, 1)

@@ -11,10 +11,8 @@ the retrain checkpoints. A rerun after a kill continues where it stopped.
 """
 import os
 import time
-from typing import Tuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -25,7 +23,7 @@ from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.evaluation import retrain
 from dfnas_jax.models import spos as spos_lib
 from dfnas_jax.nas import common, evolution
-from dfnas_jax.train import steps, trainer
+from dfnas_jax.train import trainer
 
 Arch = evolution.Arch
 
@@ -56,67 +54,12 @@ class PathSampler:
                      f'choice everywhere cost {", ".join(f"{u:.2f}" for u in uniform)} M).')
 
 
-class CandidateEvaluator:
-  """Scores a path of a trained supernet without recompiling per candidate.
-
-  BatchNorm statistics are recomputed for the path as the average of the batch
-  statistics of `calibration` batches (the reference resets them and takes a
-  cumulative average), then accuracy is measured on the held-out batches.
-  """
-
-  def __init__(self, model: spos_lib.SPOSNet, variables, calibration, held_out):
-    self.rvariables = steps.replicate(variables)
-    self.calibration, self.held_out = calibration, held_out
-    calibrating = model.clone(bn_momentum=0.0)  # running stats := this batch's stats
-
-    def batch_stats(variables, batch):
-      _, updates = calibrating.apply(
-          variables, batch['image'], architecture=batch['arch'], train=True,
-          mutable=['batch_stats'], rngs={'dropout': jax.random.PRNGKey(0)})
-      return updates['batch_stats']
-
-    self.p_batch_stats = jax.pmap(batch_stats, axis_name=steps.AXIS)
-    self.p_eval = steps.pmap_eval_step(model.apply)
-
-  def __call__(self, arch: Arch) -> float:
-    n_dev = jax.local_device_count()
-    arch = np.tile(np.asarray(arch, np.int32), (n_dev, 1))
-    total = None
-    for batch in self.calibration:
-      stats = self.p_batch_stats(self.rvariables, dict(batch, arch=arch))
-      total = stats if total is None else jax.tree_util.tree_map(jnp.add, total, stats)
-    stats = jax.tree_util.tree_map(lambda s: s / len(self.calibration), total)
-    variables = {'params': self.rvariables['params'], 'batch_stats': stats}
-    held_out = (dict(batch, arch=arch) for batch in self.held_out)
-    return trainer.evaluate_batches(variables, held_out, self.p_eval)['accuracy']
-
-
-def split_strings(config, num_classes: int) -> Tuple[str, str]:
-  """(supernet-train, search-validation) splits of the searched dataset.
-
-  Synthetic datasets are written in blocks of `num_classes` images with one of
-  each target class, so the first `val_per_class * num_classes` images hold
-  `val_per_class` images of every class.
-  """
-  if config.train_split or config.val_split:
-    if not (config.train_split and config.val_split):
-      raise ValueError('Set both train_split and val_split, or neither (then the first '
-                       'val_per_class images of each class validate).')
-    return config.train_split, config.val_split
-  n = config.val_per_class * num_classes
-  return f'train[{n}:]', f'train[:{n}]'
-
-
 def run(config: ml_collections.ConfigDict, workdir: str):
   start = time.time()
-  phase_times = {}
-  dataset, data_info = common.synthetic_data(config, workdir)
-  phase_times['data_s'] = time.time() - start
-
-  probe = ip.get_source(dataset, 'train', config.data_dir, config.download)
-  train_split, val_split = split_strings(config, probe.num_classes)
-  train_source = ip.get_source(dataset, train_split, config.data_dir, config.download)
-  val_source = ip.get_source(dataset, val_split, config.data_dir, config.download)
+  data = common.search_data(config, workdir, lambda _, classes: common.held_out_splits(
+      config, classes))
+  phase_times = {'data_s': data.seconds}
+  train_source, val_source = data.train, data.val
   num_classes = train_source.num_classes
   space = spos_lib.SPACES[config.space]
   if space.image_size != config.supernet.image_size:
@@ -147,7 +90,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   calibration = [next(batches) for _ in range(config.calibration_batches)]
   held_out = list(ip.eval_batches(val_source, config.calibration_batch_size, s.image_size,
                                   s.augment))
-  evaluator = CandidateEvaluator(model, supernet['state'].variables, calibration, held_out)
+  evaluator = common.SubnetEvaluator(model, supernet['state'].variables, calibration, held_out)
 
   def searchable(arch):  # the reference searches under a FLOPs limit, not the band
     return config.search_flops_max <= 0 or sampler.mflops(arch) <= config.search_flops_max
@@ -165,20 +108,17 @@ def run(config: ml_collections.ConfigDict, workdir: str):
 
   # Retrain from scratch on the same data, evaluate on real data if configured.
   t = time.time()
-  final = common.retrain_architecture(config, best_name, dataset, train_split, val_split,
-                                      config.supernet.loss, os.path.join(workdir, 'retrain'))
+  final = common.retrain_architecture(config, best_name, data, config.supernet.loss,
+                                      os.path.join(workdir, 'retrain'))
   phase_times['retrain_s'] = time.time() - t
 
   summary = {
       'stage': 'spos', 'space': config.space, 'best_architecture': best_name,
       'best_choices': list(best), 'best_choice_names': [spos_lib.CHOICES[c] for c in best],
       'flops_m': flops / 1e6, 'params': params,
-      'search_val_accuracy': best_accuracy, 'search_val_split': val_split,
-      'supernet_train_split': train_split, **data_info,
-      'final_accuracy': final['eval_accuracy'],
-      'final_eval_data': (f'{config.eval_dataset} {config.eval_split}'
-                          if config.eval_dataset else None),
-      'retrain_model_dir': final['model_dir'],
+      'search_val_accuracy': best_accuracy, 'search_val_split': data.val_split,
+      'supernet_train_split': data.train_split, **data.info,
+      **common.final_results(config, final),
       'search_history': search.history,
       'wall_time_s': {k: round(v, 1) for k, v in phase_times.items()},
   }

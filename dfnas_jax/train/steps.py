@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import optax
 from clu import metrics
 
-from dfnas_jax.models import spos
+from dfnas_jax.models import layers
 
 AXIS = 'batch'
 
@@ -107,8 +107,8 @@ def train_step(state, batch, teacher_variables=None, *, learning_rate_fn,
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   if 'arch' in batch:
     new_state = new_state.replace(
-        params=spos.keep_unused(new_state.params, state.params, batch['arch']),
-        opt_state=spos.keep_unused(new_state.opt_state, state.opt_state, batch['arch']))
+        params=layers.keep_unused(new_state.params, state.params, batch['arch']),
+        opt_state=layers.keep_unused(new_state.opt_state, state.opt_state, batch['arch']))
   step_metrics = TrainMetrics.gather_from_model_output(
       axis_name=AXIS, loss=value, logits=logits, labels=batch['label'],
       learning_rate=learning_rate_fn(state.step))

@@ -1,0 +1,440 @@
+"""Stage `proxylessnas`: data-free ProxylessNAS, path-binarized and hardware-aware.
+
+  synthesize (or reuse)  ->  split: weights / architecture validation
+  -> cost table (latency measured on this backend, cached; or FLOPs)
+  -> warm-up: weight steps on paths sampled from the (uniform) architecture
+  -> search: a weight step on one sampled path every step; every
+     `arch_update_every` steps an architecture step on binary gates
+  -> the argmax architecture (JSON with its latency and FLOPs) -> retrain -> evaluate
+
+Binary gates (Cai et al., 2019): an architecture step samples, per layer, an
+active candidate (`binary_mode='full'`: from softmax(alpha) over all candidates,
+every candidate is computed; `'two'`: two candidates are drawn, then the active
+one among them, only those two are computed). The layer's output is
+sum_j g_j o_j(x) with one-hot gates g, and the gradient of the loss L with
+respect to the logits is estimated from the gates' gradient,
+
+  dL/dalpha_i = sum_j dL/dg_j p_j (delta_ij - p_i) = p_i (dL/dg_i - sum_j p_j dL/dg_j),
+
+over the involved candidates (their probabilities renormalized in 'two' mode,
+after which their updated logits are shifted back to their old logsumexp, so
+candidates not drawn keep their probability). The hardware term
+E[cost] = sum_l sum_i p_li cost_li is differentiable in alpha directly.
+
+Sampling happens inside the compiled steps, keyed by (seed, step): one compile
+serves every path, and a resumed run draws the same paths.
+"""
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Dict, Optional, Tuple
+
+import flax
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metrics, periodic_actions
+
+from dfnas_jax import plots
+from dfnas_jax import workdir as wd
+from dfnas_jax.data import input_pipeline as ip
+from dfnas_jax.evaluation import retrain
+from dfnas_jax.models import proxyless as space_lib
+from dfnas_jax.nas import common, latency
+from dfnas_jax.train import state as state_lib
+from dfnas_jax.train import steps, trainer
+
+AXIS = steps.AXIS
+BINARY_MODES = ('two', 'full')
+COST_LOSSES = ('mul_log', 'add_linear')
+
+
+# --- The architecture distribution ---------------------------------------------------
+
+def probabilities(alphas, allowed):
+  """Per-layer softmax over the candidates a layer may choose."""
+  return jax.nn.softmax(jnp.where(allowed, alphas, -jnp.inf), axis=-1)
+
+
+def sample_path(key, alphas, allowed):
+  """One candidate per layer, drawn from `probabilities`: [L] int32."""
+  return jax.random.categorical(key, jnp.where(allowed, alphas, -jnp.inf)).astype(jnp.int32)
+
+
+def binarize(key, alphas, allowed, mode: str) -> Tuple[Optional[jax.Array], jax.Array]:
+  """(paths [L, 2] | None, one-hot gates [L, K]) of an architecture step.
+
+  'full': gates over all candidates (paths None), the active one drawn from the
+  probabilities. 'two': two distinct candidates drawn from the probabilities,
+  then the active one from their renormalized probabilities.
+  """
+  if mode == 'full':
+    return None, jax.nn.one_hot(sample_path(key, alphas, allowed), alphas.shape[-1])
+  pair_key, active_key = jax.random.split(key)
+  probs = probabilities(alphas, allowed)
+  draw = lambda k, p: jax.random.choice(k, p.shape[-1], (2,), replace=False, p=p)
+  paths = jax.vmap(draw)(jax.random.split(pair_key, alphas.shape[0]), probs)
+  active = jax.random.categorical(active_key, jnp.take_along_axis(alphas, paths, axis=-1))
+  return paths.astype(jnp.int32), jax.nn.one_hot(active, 2)
+
+
+def gate_gradient_to_alphas(gate_grads, alphas, allowed, paths=None):
+  """The binary-gate estimator: dL/dalpha_i = p_i (dL/dg_i - sum_j p_j dL/dg_j).
+
+  `gate_grads` [L, K] are over all candidates (`paths` None) or over `paths`
+  [L, K], whose probabilities are renormalized among themselves.
+  """
+  if paths is None:
+    p = probabilities(alphas, allowed)
+    return p * (gate_grads - jnp.sum(p * gate_grads, -1, keepdims=True))
+  p = jax.nn.softmax(jnp.take_along_axis(alphas, paths, axis=-1), axis=-1)
+  grads = p * (gate_grads - jnp.sum(p * gate_grads, -1, keepdims=True))
+  rows = jnp.arange(alphas.shape[0])[:, None]
+  return jnp.zeros_like(alphas).at[rows, paths].add(grads)
+
+
+def rescale_involved(new_alphas, old_alphas, paths):
+  """Shifts each layer's updated logits of `paths` back to their old logsumexp."""
+  rows = jnp.arange(new_alphas.shape[0])[:, None]
+  offset = (jax.nn.logsumexp(new_alphas[rows, paths], axis=-1)
+            - jax.nn.logsumexp(old_alphas[rows, paths], axis=-1))
+  return new_alphas.at[rows, paths].add(-offset[:, None])
+
+
+@dataclasses.dataclass(frozen=True)
+class CostLoss:
+  """Combines the task loss with E[cost] (reference forms and defaults).
+
+  mul_log:    alpha * loss * (log E[cost] / log target) ** beta
+  add_linear: loss + lam * (E[cost] - target) / target
+  None form:  the task loss alone.
+  """
+  form: Optional[str]
+  target: float = 1.0
+  alpha: float = 0.2
+  beta: float = 0.3
+  lam: float = 0.1
+
+  def __call__(self, loss, expected_cost):
+    if self.form is None:
+      return loss
+    if self.form == 'mul_log':
+      return self.alpha * loss * (jnp.log(expected_cost) / jnp.log(self.target)) ** self.beta
+    if self.form == 'add_linear':
+      return loss + self.lam * (expected_cost - self.target) / self.target
+    raise ValueError(f'cost_loss must be one of {COST_LOSSES}, got {self.form!r}')
+
+
+def architecture_gradient(task_loss_fn, gates, paths, alphas, allowed, cost: latency.CostTable,
+                          cost_loss: CostLoss, axis_name: Optional[str] = None):
+  """(total loss, task loss, E[cost], dtotal/dalpha) with one-hot `gates` over `paths`.
+
+  `task_loss_fn(gates)` is the loss of the network run with those gates. The
+  gates' gradient goes through the binary-gate estimator; E[cost] adds its exact
+  gradient.
+  """
+  def total(gates, alphas):
+    task = task_loss_fn(gates)
+    expected = cost.expected(probabilities(alphas, allowed))
+    return cost_loss(task, expected), (task, expected)
+
+  (value, (task, expected)), (gate_grads, direct) = jax.value_and_grad(
+      total, argnums=(0, 1), has_aux=True)(gates, alphas)
+  if axis_name is not None:
+    gate_grads, direct = jax.lax.pmean((gate_grads, direct), axis_name)
+  return value, task, expected, direct + gate_gradient_to_alphas(gate_grads, alphas, allowed,
+                                                                 paths)
+
+
+# --- Steps ---------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class ArchMetrics(metrics.Collection):
+  arch_loss: metrics.Average.from_output('arch_loss')
+  val_loss: metrics.Average.from_output('val_loss')
+  expected_cost: metrics.LastValue.from_output('expected_cost')
+
+
+def weight_step(state: common.SearchState, batch, teacher_variables=None, *, seed: int,
+                allowed, **train_kwargs):
+  """`steps.train_step` on one path drawn from the architecture, keyed by (seed, step)."""
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), state.weights.step)
+  path = sample_path(key, state.alphas, allowed)
+  weights, m = steps.train_step(state.weights, dict(batch, arch=path), teacher_variables,
+                                **train_kwargs)
+  return state.replace(weights=weights), m
+
+
+def arch_step(state: common.SearchState, batch, teacher_variables=None, *, seed: int, allowed,
+              mode: str, arch_tx: optax.GradientTransformation, cost: latency.CostTable,
+              cost_loss: CostLoss, loss: str, temperature: float, teacher_apply=None):
+  """One architecture update on a held-out batch, with binary gates keyed by (seed, step)."""
+  if teacher_apply is not None:
+    batch = steps.with_teacher_targets(batch, teacher_apply, teacher_variables)
+  key = jax.random.fold_in(jax.random.PRNGKey(seed + 1), state.weights.step)
+  paths, gates = binarize(key, state.alphas, allowed, mode)
+  w = state.weights
+
+  def task_loss(gates):  # BN in training mode; its statistics are not updated here
+    logits, _ = w.apply_fn(w.variables, batch['image'], gates=gates, paths=paths, train=True,
+                           mutable=['batch_stats'])
+    return steps.classification_loss(logits, batch, loss, 0.0, temperature).mean()
+
+  value, task, expected, grads = architecture_gradient(
+      task_loss, gates, paths, state.alphas, allowed, cost, cost_loss, axis_name=AXIS)
+  updates, arch_opt_state = arch_tx.update(grads, state.arch_opt_state, state.alphas)
+  alphas = optax.apply_updates(state.alphas, updates)
+  if paths is not None:
+    alphas = rescale_involved(alphas, state.alphas, paths)
+  m = ArchMetrics.gather_from_model_output(axis_name=AXIS, arch_loss=value, val_loss=task,
+                                           expected_cost=expected)
+  return state.replace(alphas=alphas, arch_opt_state=arch_opt_state), m
+
+
+def arch_optimizer(config) -> optax.GradientTransformation:
+  """Reference: Adam(1e-3, betas (0, 0.999), eps 1e-8), no weight decay by default."""
+  return optax.chain(optax.add_decayed_weights(config.arch_weight_decay),
+                     optax.adam(config.arch_learning_rate, b1=config.arch_b1,
+                                b2=config.arch_b2, eps=1e-8))
+
+
+def weight_schedule(config, warmup_steps: int, search_steps: int) -> optax.Schedule:
+  """Cosine over the warm-up, then a fresh cosine over the search (reference)."""
+  search = optax.cosine_decay_schedule(config.learning_rate, search_steps)
+  if not warmup_steps:
+    return search
+  return optax.join_schedules(
+      [optax.cosine_decay_schedule(config.learning_rate, warmup_steps), search], [warmup_steps])
+
+
+def cost_setup(config, space: space_lib.SearchSpace, num_classes: int,
+               workdir: str) -> Tuple[latency.CostTable, CostLoss]:
+  """The cost table and the loss that uses it; the target resolved against the table."""
+  if config.cost_model == 'none':
+    table = latency.flops_table(space, num_classes)  # reported, not optimized
+    return table, CostLoss(None)
+  table = latency.cost_table(config.cost_model, space, num_classes, config.latency_batch_size,
+                             config.latency_cache or os.path.join(workdir, 'latency_table.json'),
+                             config.latency_repeats)
+  target = config.cost_target
+  if target <= 0:  # relative to the uniform distribution's expected cost
+    uniform = probabilities(jnp.zeros(table.table.shape), space.allowed())
+    target = config.cost_target_fraction * float(table.expected(uniform))
+  if config.cost_loss == 'mul_log' and target <= 1:
+    raise ValueError(f'cost_loss=mul_log needs a cost target above 1 {table.unit} (log ratio); '
+                     f'got {target:.3g}. Use add_linear, or a larger latency_batch_size.')
+  return table, CostLoss(config.cost_loss, target, config.mul_log_alpha, config.mul_log_beta,
+                         config.add_linear_lambda)
+
+
+def _check(config):
+  checks = {'binary_mode': (config.binary_mode, BINARY_MODES),
+            'cost_model': (config.cost_model, latency.KINDS + ('none',)),
+            'cost_loss': (config.cost_loss, COST_LOSSES),
+            'loss': (config.loss, ('distillation', 'cross_entropy'))}
+  for field, (value, allowed) in checks.items():
+    if value not in allowed:
+      raise ValueError(f'proxylessnas {field} must be one of {allowed}, got {value!r}')
+  if config.space not in space_lib.SPACES:
+    raise ValueError(f'proxylessnas space must be one of {sorted(space_lib.SPACES)}, '
+                     f'got {config.space!r}')
+  if config.arch_update_every < 1:
+    raise ValueError(f'arch_update_every must be >= 1, got {config.arch_update_every}')
+  if config.num_epochs < 1 or config.warmup_epochs < 0:
+    raise ValueError(f'Need num_epochs >= 1 and warmup_epochs >= 0, got {config.num_epochs} '
+                     f'and {config.warmup_epochs}')
+  retrain.check_soft_labels(config)
+
+
+# --- The search ----------------------------------------------------------------------
+
+def write_epoch_files(directory: str, epoch: int, probs: np.ndarray, space_name: str) -> None:
+  if jax.process_index() == 0:
+    plots.architecture_heatmap(
+        {space_name: probs}, [f'layer {i}' for i in range(probs.shape[0])],
+        space_lib.CANDIDATES, os.path.join(directory, 'probabilities.png'),
+        title=f'architecture probabilities after epoch {epoch}')
+
+
+def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.DataSource,
+           teacher: Optional[Tuple[Any, Any]], cost: latency.CostTable,
+           cost_loss: CostLoss) -> Dict[str, Any]:
+  """Warm-up and search; resumes from workdir/checkpoints. Returns alphas and curves."""
+  start_time = time.time()
+  space = space_lib.SPACES[config.space]
+  allowed = space.allowed()
+  steps_per_epoch = ip.steps_per_epoch(train_source, config.batch_size)
+  warmup_steps = config.warmup_epochs * steps_per_epoch
+  num_steps = warmup_steps + config.num_epochs * steps_per_epoch
+  lr_fn = weight_schedule(config, warmup_steps, num_steps - warmup_steps)
+  tx = state_lib.sgd(lr_fn, config.momentum, config.weight_decay, config.nesterov)
+  arch_tx = arch_optimizer(config)
+  model = space_lib.ProxylessNet(space, train_source.num_classes, dropout=config.dropout)
+  weight_rng, alpha_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  alphas = config.arch_init_std * jax.random.normal(alpha_rng, allowed.shape)
+  state = common.SearchState(
+      weights=state_lib.create_train_state(model, weight_rng, space.image_size, tx),
+      alphas=alphas, arch_opt_state=arch_tx.init(alphas))
+  mngr, state, start_step, history = common.restore_search(workdir, config, state, num_steps)
+
+  def arch_steps_until(step):  # architecture steps (= validation batches) in steps 1..step
+    return max(0, step - warmup_steps) // config.arch_update_every
+
+  teacher_apply = teacher and teacher[0].apply
+  extra_args = (steps.replicate(teacher[1]),) if teacher else ()
+  p_weight_step = jax.pmap(functools.partial(
+      weight_step, seed=config.seed, allowed=allowed, learning_rate_fn=lr_fn, loss=config.loss,
+      temperature=config.temperature, teacher_apply=teacher_apply,
+      dropout_rng=jax.random.PRNGKey(config.seed + 2)), axis_name=AXIS, donate_argnums=(0,))
+  p_arch_step = jax.pmap(functools.partial(
+      arch_step, seed=config.seed, allowed=allowed, mode=config.binary_mode, arch_tx=arch_tx,
+      cost=cost, cost_loss=cost_loss, loss=config.loss, temperature=config.temperature,
+      teacher_apply=teacher_apply), axis_name=AXIS, donate_argnums=(0,))
+
+  def batches(source, seed, start):
+    return flax.jax_utils.prefetch_to_device(
+        ip.train_batches(source, config.batch_size, space.image_size, config.augment, seed,
+                         start_step=start), 2)
+  train_data = batches(train_source, config.seed, start_step)
+  val_data = batches(val_source, config.seed + 1, arch_steps_until(start_step))
+  # Each epoch scores the argmax architecture on the held-out split with BN
+  # statistics recalibrated for it: the running ones mix every sampled path.
+  calibration = ip.train_batches(train_source, config.batch_size, space.image_size,
+                                 config.augment, config.seed + 3)
+  evaluator = common.SubnetEvaluator(
+      model, state.weights.variables, [next(calibration) for _ in range(config.calibration_batches)],
+      list(ip.eval_batches(val_source, config.batch_size, space.image_size, config.augment)))
+
+  writer = trainer.make_writer(workdir)
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                           every_secs=30)
+  rstate = steps.replicate(state)
+  train_window = arch_window = None
+  for step in range(start_step + 1, num_steps + 1):
+    with jax.profiler.StepTraceAnnotation('search', step_num=step):
+      rstate, m = p_weight_step(rstate, next(train_data), *extra_args)
+      m = flax.jax_utils.unreplicate(m)
+      train_window = m if train_window is None else train_window.merge(m)
+      if arch_steps_until(step) > arch_steps_until(step - 1):
+        rstate, m = p_arch_step(rstate, next(val_data), *extra_args)
+        m = flax.jax_utils.unreplicate(m)
+        arch_window = m if arch_window is None else arch_window.merge(m)
+    report(step)
+    epoch_end = step % steps_per_epoch == 0 or step == num_steps
+    if step % config.log_every_steps == 0 or epoch_end:
+      scalars = {f'train_{k}': v for k, v in train_window.compute().items()}
+      if arch_window is not None:
+        scalars.update(arch_window.compute())
+      scalars = {k: float(v) for k, v in scalars.items()}
+      train_window = arch_window = None
+      if epoch_end:
+        epoch = -(-step // steps_per_epoch)
+        alphas = np.asarray(jax.device_get(flax.jax_utils.unreplicate(rstate.alphas)))
+        probs = np.asarray(probabilities(alphas, allowed))
+        choices = derive(alphas, allowed)
+        with report.timed('eval'):
+          evaluator.set_variables(rstate.weights.variables)
+          scalars['argmax_val_accuracy'] = evaluator(choices)
+        scalars['expected_cost'] = float(cost.expected(probs))
+        scalars['entropy'] = float(-np.sum(np.where(probs > 0, probs * np.log(probs), 0.0))
+                                   / probs.shape[0])  # nats per layer
+        write_epoch_files(workdir, epoch, probs, config.space)
+        history.append({'epoch': epoch, 'step': step,
+                        'phase': 'warmup' if step <= warmup_steps else 'search', **scalars,
+                        'argmax': list(choices)})
+        logging.info('Epoch %d: %s, argmax %s', epoch, scalars,
+                     space_lib.architecture_name(config.space, choices))
+      writer.write_scalars(step, scalars)
+    if step % config.checkpoint_every_steps == 0 or epoch_end:
+      with report.timed('checkpoint'):
+        common.save_search(mngr, workdir, step, rstate, history, epoch_end)
+  mngr.wait_until_finished()
+  writer.flush()
+  final = jax.device_get(flax.jax_utils.unreplicate(rstate))
+  return {'alphas': np.asarray(final.alphas), 'history': history, 'num_steps': num_steps,
+          'warmup_steps': warmup_steps, 'arch_steps': arch_steps_until(num_steps),
+          'steps_per_epoch': steps_per_epoch, 'wall_time_s': time.time() - start_time}
+
+
+def derive(alphas, allowed) -> Tuple[int, ...]:
+  """The most probable candidate of every layer."""
+  return tuple(int(c) for c in np.argmax(np.where(allowed, alphas, -np.inf), axis=-1))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str):
+  _check(config)
+  start = time.time()
+  data = common.search_data(config, workdir, lambda _, classes: common.held_out_splits(
+      config, classes))
+  phase_times = {'data_s': data.seconds}
+  train_source, val_source = data.train, data.val
+  num_classes = train_source.num_classes
+  teacher = retrain.distillation_teacher(config.loss, config)
+  trainer.require_soft_labels(config.loss, teacher, train_source)
+  space = space_lib.SPACES[config.space]
+
+  t = time.time()
+  cost, cost_loss = cost_setup(config, space, num_classes, workdir)
+  phase_times['cost_table_s'] = time.time() - t
+  if jax.process_index() == 0:
+    wd.write_json(os.path.join(workdir, 'cost_table.json'),
+                  {**cost.to_json(), 'loss': cost_loss.form, 'target': cost_loss.target})
+  logging.info('Cost model %s (%s): fixed %.3g, candidates %.3g..%.3g; loss %s, target %.4g',
+               cost.kind, cost.unit, cost.fixed, cost.table[space.allowed()].min(),
+               cost.table.max(), cost_loss.form, cost_loss.target)
+
+  t = time.time()
+  result = search(config, os.path.join(workdir, 'search'), train_source, val_source, teacher,
+                  cost, cost_loss)
+  phase_times['search_s'] = time.time() - t
+
+  choices = derive(result['alphas'], space.allowed())
+  name = space_lib.architecture_name(config.space, choices)
+  flops, params = space_lib.cost(space, choices, num_classes)
+  probs = np.asarray(probabilities(result['alphas'], space.allowed()))
+  found = {
+      'architecture': name, 'choices': list(choices),
+      'candidates': [space_lib.CANDIDATES[c] for c in choices],
+      'flops_m': flops / 1e6, 'params': params,
+      'cost_model': cost.kind, 'cost_unit': cost.unit, 'cost_of_architecture': cost.of(choices),
+      'expected_cost': float(cost.expected(probs)), 'cost_target': cost_loss.target,
+      'measured_latency_ms': latency.time_forward(
+          space_lib.ProxylessNet(space, num_classes, choices, axis_name=None),
+          (config.latency_batch_size, space.image_size, space.image_size, 3),
+          config.latency_repeats),
+      'latency_batch_size': config.latency_batch_size, 'backend': latency.backend_key(),
+      'probabilities': probs.tolist(),
+  }
+  if jax.process_index() == 0:
+    wd.write_json(os.path.join(workdir, 'architecture.json'), found)
+  logging.info('Found %s: %.2f MFLOPs, %d params, %.3g %s by the table, %.3g ms measured',
+               name, found['flops_m'], params, found['cost_of_architecture'], cost.unit,
+               found['measured_latency_ms'])
+
+  t = time.time()
+  final = common.retrain_architecture(config, name, data, config.loss,
+                                      os.path.join(workdir, 'retrain'))
+  phase_times['retrain_s'] = time.time() - t
+
+  last = result['history'][-1] if result['history'] else {}
+  summary = {
+      'stage': 'proxylessnas', 'space': config.space, 'binary_mode': config.binary_mode,
+      **{k: v for k, v in found.items() if k != 'probabilities'},
+      'cost_loss': cost_loss.form,
+      'search_final': {k: last.get(k) for k in ('train_loss', 'train_accuracy', 'val_loss',
+                                                'argmax_val_accuracy', 'entropy')},
+      'search_history': result['history'], 'search_steps': result['num_steps'],
+      'warmup_steps': result['warmup_steps'], 'arch_steps': result['arch_steps'],
+      'search_train_split': data.train_split, 'search_val_split': data.val_split,
+      'loss': config.loss, **data.info,
+      **common.final_results(config, final),
+      'wall_time_s': {k: round(v, 1) for k, v in phase_times.items()},
+  }
+  summary['wall_time_s']['total_s'] = round(time.time() - start, 1)
+  wd.write_summary(workdir, summary)
+  return summary
