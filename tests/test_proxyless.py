@@ -31,22 +31,22 @@ def _params(variables):
 
 def test_space_layers_zero_candidates_costs_and_names():
   allowed = TINY.allowed()
-  assert [layer.residual for layer in TINY.layers()] == [True, True, False, False]
+  assert [layer.residual for layer in TINY.layers()] == [True, True, False]
   assert allowed[:, :space_lib.ZERO].all() and allowed[:, space_lib.ZERO].tolist() == [
-      True, True, False, False]
+      True, True, False]
   reference = space_lib.SPACES['proxyless_imagenet']
   assert reference.num_layers == 21 and reference.allowed()[:, space_lib.ZERO].sum() == 15
-  choices = (space_lib.ZERO, 5, 1, 2)
+  choices = (space_lib.ZERO, 5, 1)
   name = space_lib.architecture_name('proxyless_tiny', choices)
-  assert name == 'proxyless_tiny:6512' and space_lib.parse_name(name) == ('proxyless_tiny', choices)
+  assert name == 'proxyless_tiny:651' and space_lib.parse_name(name) == ('proxyless_tiny', choices)
   network = models.build_model(name, num_classes=10)
   variables = state_lib.init_variables(network, jax.random.PRNGKey(0), 32)
   assert 'layer0' not in variables['params']  # zero: the layer is skipped
   assert _params(variables) == space_lib.cost(TINY, choices, 10)[1]
   macs = space_lib.cost(TINY, choices, 10)[0]
-  assert macs > space_lib.cost(TINY, (space_lib.ZERO, 0, 0, 0), 10)[0]
+  assert macs > space_lib.cost(TINY, (space_lib.ZERO, 0, 0), 10)[0]
   with pytest.raises(ValueError, match=r'6 only in the shape-keeping layers \[0, 1\]'):
-    space_lib.architecture_name('proxyless_tiny', (0, 0, space_lib.ZERO, 0))
+    space_lib.architecture_name('proxyless_tiny', (0, 0, space_lib.ZERO))
   with pytest.raises(ValueError, match='not a ProxylessNAS architecture'):
     space_lib.parse_name('proxyless_huge:0000')
 
@@ -134,16 +134,16 @@ def test_binarize_samples_allowed_candidates_by_their_probability():
 def test_two_path_rescale_keeps_the_other_candidates_probabilities():
   allowed = TINY.allowed()
   old = jax.random.normal(jax.random.PRNGKey(0), allowed.shape)
-  paths = jnp.array([[0, 3], [6, 1], [2, 5], [4, 0]])
-  rows = np.arange(4)[:, None]
-  new = old.at[rows, paths].add(jnp.array([[0.3, -0.2], [1.0, 0.5], [-0.4, 0.1], [0.2, 0.2]]))
+  paths = jnp.array([[0, 3], [6, 1], [2, 5]])
+  rows = np.arange(3)[:, None]
+  new = old.at[rows, paths].add(jnp.array([[0.3, -0.2], [1.0, 0.5], [-0.4, 0.1]]))
   rescaled = stage.rescale_involved(new, old, paths)
   p_old, p_new = (np.asarray(stage.probabilities(a, allowed)) for a in (old, rescaled))
   involved = np.zeros(allowed.shape, bool)
   involved[rows, np.asarray(paths)] = True
   np.testing.assert_allclose(p_new[~involved & allowed], p_old[~involved & allowed], rtol=1e-5)
-  np.testing.assert_allclose(p_new[involved].reshape(4, 2).sum(-1),
-                             p_old[involved].reshape(4, 2).sum(-1), rtol=1e-5)
+  np.testing.assert_allclose(p_new[involved].reshape(3, 2).sum(-1),
+                             p_old[involved].reshape(3, 2).sum(-1), rtol=1e-5)
   assert not np.allclose(p_new[involved], p_old[involved])  # the update itself survives
 
 
@@ -151,7 +151,7 @@ def test_two_path_rescale_keeps_the_other_candidates_probabilities():
 def test_latency_term_moves_probability_to_faster_candidates(form):
   """A flat task loss: only the latency term drives the architecture."""
   allowed = TINY.allowed()
-  table = np.tile(np.array([3.0, 6.0, 4.0, 8.0, 5.0, 10.0, 0.0], np.float32), (4, 1))
+  table = np.tile(np.array([3.0, 6.0, 4.0, 8.0, 5.0, 10.0, 0.0], np.float32), (TINY.num_layers, 1))
   cost = latency.CostTable('latency', 'ms', table, fixed=2.0)
   cost_loss = stage.CostLoss(form, target=10.0)
   tx = optax.adam(1e-2, b1=0.0, b2=0.999)
@@ -218,15 +218,15 @@ def test_one_compiled_step_serves_every_sampled_path():
 
 def test_cost_tables_flops_and_cached_latency(tmp_path, monkeypatch):
   flops = latency.flops_table(TINY, 10)
-  choices = (space_lib.ZERO, 5, 1, 2)
+  choices = (space_lib.ZERO, 5, 1)
   assert flops.of(choices) == pytest.approx(space_lib.cost(TINY, choices, 10)[0] / 1e6)
   cache = tmp_path / 'latency.json'
   measured = latency.latency_table(TINY, 10, batch_size=2, cache_path=str(cache), repeats=1)
-  assert measured.table.shape == (4, space_lib.NUM_CANDIDATES) and measured.fixed > 0
+  assert measured.table.shape == (3, space_lib.NUM_CANDIDATES) and measured.fixed > 0
   assert np.all(measured.table[:, :space_lib.ZERO] > 0) and np.all(measured.table[:, -1] == 0)
   saved = json.loads(cache.read_text())
   assert list(saved) == [latency.backend_key()]
-  assert len(saved[latency.backend_key()]) == 3 * 6 + 2  # layers 0 and 1 share shapes
+  assert len(saved[latency.backend_key()]) == 2 * 6 + 2  # layers 0 and 1 share shapes
   monkeypatch.setattr(latency, 'time_forward', lambda *a, **k: pytest.fail('measured again'))
   again = latency.latency_table(TINY, 10, batch_size=2, cache_path=str(cache), repeats=1)
   np.testing.assert_array_equal(again.table, measured.table)
@@ -289,7 +289,7 @@ def test_proxylessnas_smoke_end_to_end_resumes_after_kill(data_dir, tmp_path):
   assert found['cost_model'] == 'latency' and found['measured_latency_ms'] > 0
   assert found['flops_m'] == pytest.approx(space_lib.cost(TINY, found['choices'], 10)[0] / 1e6)
   table = json.loads((workdir / 'cost_table.json').read_text())
-  uniform = stage.probabilities(np.zeros((4, space_lib.NUM_CANDIDATES)), TINY.allowed())
+  uniform = stage.probabilities(np.zeros((TINY.num_layers, space_lib.NUM_CANDIDATES)), TINY.allowed())
   expected = table['fixed'] + float(np.sum(np.asarray(uniform) * np.asarray(table['table'])))
   assert found['cost_target'] == pytest.approx(0.8 * expected, rel=1e-5)
   assert found['cost_of_architecture'] == pytest.approx(

@@ -104,8 +104,8 @@ SPACES = {
     # 32 px inputs, sized for CPU runs: 11 searched layers down to 4x4.
     'proxyless_cifar': SearchSpace(16, 1, 8, (16, 24, 32, 48, 64, 96), (2, 2, 2, 2, 2, 1),
                                    (1, 2, 2, 1, 2, 1), 256, 32, CIFAR10_MEAN, CIFAR10_STD),
-    # Tests and smoke runs: 4 searched layers.
-    'proxyless_tiny': SearchSpace(8, 1, 8, (8, 16, 24), (2, 1, 1), (1, 2, 2), 64, 32,
+    # Tests and smoke runs: 3 searched layers.
+    'proxyless_tiny': SearchSpace(8, 1, 8, (8, 16), (2, 1), (1, 2), 64, 32,
                                   CIFAR10_MEAN, CIFAR10_STD),
 }
 
