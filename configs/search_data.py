@@ -22,3 +22,28 @@ def add_real_evaluation(c: ml_collections.ConfigDict) -> None:
   c.eval_dataset = 'cifar10'
   c.eval_data_dir = config_dict.placeholder(str)
   c.eval_split = 'test'
+
+
+def trainer_fields(batch_size, steps, lr, weight_decay, image_size, augment, loss='distillation'):
+  """The fields `dfnas_jax.train.trainer.fit` reads (a supernet's or a short retraining's)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = batch_size
+  c.num_epochs = 0.0
+  c.num_train_steps = steps
+  c.learning_rate = lr
+  c.warmup_epochs = 0.0
+  c.lr_schedule = 'linear'
+  c.momentum = 0.9
+  c.nesterov = False
+  c.weight_decay = weight_decay
+  c.loss = loss
+  c.label_smoothing = 0.0
+  c.temperature = 3.0
+  c.image_size = image_size
+  c.augment = augment
+  c.log_every_steps = 50
+  c.eval_every_steps = 10 ** 9
+  c.checkpoint_every_steps = 50
+  c.keep_checkpoints = 2
+  return c

@@ -20,31 +20,6 @@ from configs import search_data
 from configs import synthesize as synthesize_config
 
 
-def _trainer(batch_size, steps, lr, weight_decay, image_size, augment, loss='distillation'):
-  """The fields `dfnas_jax.train.trainer.fit` reads."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.batch_size = batch_size
-  c.num_epochs = 0.0
-  c.num_train_steps = steps
-  c.learning_rate = lr
-  c.warmup_epochs = 0.0
-  c.lr_schedule = 'linear'
-  c.momentum = 0.9
-  c.nesterov = False
-  c.weight_decay = weight_decay
-  c.loss = loss
-  c.label_smoothing = 0.0
-  c.temperature = 3.0
-  c.image_size = image_size
-  c.augment = augment
-  c.log_every_steps = 50
-  c.eval_every_steps = 10 ** 9
-  c.checkpoint_every_steps = 50
-  c.keep_checkpoints = 2
-  return c
-
-
 def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = 'spos'
@@ -60,8 +35,8 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.flops_max = 15.5             # <= 0: no upper bound
   c.dropout = 0.1
 
-  c.supernet = _trainer(batch_size=32, steps=250, lr=0.1, weight_decay=4e-5, image_size=32,
-                        augment='crop')
+  c.supernet = search_data.trainer_fields(batch_size=32, steps=250, lr=0.1, weight_decay=4e-5,
+                                          image_size=32, augment='crop')
 
   c.search = ml_collections.ConfigDict(dict(
       population=16, generations=5, top_k=5, num_mutations=6, mutation_prob=0.1,
@@ -84,8 +59,8 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
     c.val_per_class = 1
     c.space = 'spos_tiny'
     c.flops_min, c.flops_max, c.search_flops_max = 0.0, 2.4, 2.3
-    c.supernet = _trainer(batch_size=8, steps=4, lr=0.05, weight_decay=4e-5, image_size=32,
-                          augment='crop')
+    c.supernet = search_data.trainer_fields(batch_size=8, steps=4, lr=0.05, weight_decay=4e-5,
+                                            image_size=32, augment='crop')
     c.supernet.checkpoint_every_steps = 2
     c.search.update(population=4, generations=2, top_k=2, num_mutations=2, num_crossovers=1)
     c.calibration_batches, c.calibration_batch_size = 1, 8
@@ -96,8 +71,8 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
     c.synthesis = synthesize_config.get_config('imagenet')
     c.space = 'spos_imagenet'
     c.flops_min, c.flops_max, c.search_flops_max = 290.0, 360.0, 330.0
-    c.supernet = _trainer(batch_size=1024, steps=150_000, lr=0.5, weight_decay=4e-5,
-                          image_size=224, augment='imagenet')
+    c.supernet = search_data.trainer_fields(batch_size=1024, steps=150_000, lr=0.5,
+                                            weight_decay=4e-5, image_size=224, augment='imagenet')
     c.supernet.checkpoint_every_steps = 2000
     c.search.update(population=50, generations=20, top_k=10, num_mutations=25,
                     num_crossovers=25)

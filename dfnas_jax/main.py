@@ -5,6 +5,7 @@ directory defaults to ./workdir/<config file stem>; rerunning with the same work
 directory resumes.
 """
 import os
+import sys
 
 import jax
 import tensorflow as tf
@@ -12,6 +13,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dfnas_jax import stages
+
+# configs/*.py import each other as `configs.*`: in a source checkout (pip install -e)
+# make that package importable from any working directory.
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isfile(os.path.join(_CHECKOUT, 'configs', '__init__.py')) and _CHECKOUT not in sys.path:
+  sys.path.append(_CHECKOUT)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Stage config file (configs/*.py[:preset]).',

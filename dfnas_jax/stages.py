@@ -9,6 +9,7 @@ STAGES = {
     'spos': 'dfnas_jax.nas.spos',
     'darts': 'dfnas_jax.nas.darts',
     'proxylessnas': 'dfnas_jax.nas.proxyless',
+    'rank_correlation': 'dfnas_jax.evaluation.rank_correlation',
 }
 
 

@@ -139,15 +139,20 @@ def held_out_splits(config, num_classes: int) -> Tuple[str, str]:
   """(train, held-out validation) splits of the searched dataset (one-shot searches).
 
   Synthetic datasets are written in blocks of `num_classes` images with one of
-  each target class, so the first `val_per_class * num_classes` images hold
-  `val_per_class` images of every class.
+  each target class (see `class_block_splits`).
   """
   if config.train_split or config.val_split:
     if not (config.train_split and config.val_split):
       raise ValueError('Set both train_split and val_split, or neither (then the first '
                        'val_per_class images of each class validate).')
     return config.train_split, config.val_split
-  n = config.val_per_class * num_classes
+  return class_block_splits(config.val_per_class, num_classes)
+
+
+def class_block_splits(val_per_class: int, num_classes: int) -> Tuple[str, str]:
+  """(train, held-out) splits of a synthetic dataset: the first `val_per_class`
+  blocks of `num_classes` images (one per class) are held out."""
+  n = val_per_class * num_classes
   return f'train[{n}:]', f'train[:{n}]'
 
 

@@ -341,8 +341,8 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
           evaluator.set_variables(rstate.weights.variables)
           scalars['argmax_val_accuracy'] = evaluator(choices)
         scalars['expected_cost'] = float(cost.expected(probs))
-        scalars['entropy'] = float(-np.sum(np.where(probs > 0, probs * np.log(probs), 0.0))
-                                   / probs.shape[0])  # nats per layer
+        logs = np.log(np.where(probs > 0, probs, 1.0))  # disallowed choices have p = 0
+        scalars['entropy'] = float(-np.sum(probs * logs) / probs.shape[0])  # nats per layer
         write_epoch_files(workdir, epoch, probs, config.space)
         history.append({'epoch': epoch, 'step': step,
                         'phase': 'warmup' if step <= warmup_steps else 'search', **scalars,

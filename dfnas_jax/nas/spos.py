@@ -54,6 +54,36 @@ class PathSampler:
                      f'choice everywhere cost {", ".join(f"{u:.2f}" for u in uniform)} M).')
 
 
+def train_supernet(config, workdir: str, model, train_source: ip.DataSource,
+                   sampler: PathSampler, teacher):
+  """trainer.fit with `config.supernet`, one path from `sampler` per step.
+
+  The path of step s depends only on (config.seed, s), on every host, so a
+  resumed run trains the same paths.
+  """
+  n_dev = jax.local_device_count()
+
+  def add_path(step, batch):
+    arch = sampler(np.random.default_rng([config.seed, step]))
+    return dict(batch, arch=np.tile(np.asarray(arch, np.int32), (n_dev, 1)))
+
+  return trainer.fit(config.supernet, workdir, model, train_source, None, teacher,
+                     add_to_batch=add_path)
+
+
+def subnet_evaluator(config, model, variables, train_source: ip.DataSource,
+                     val_source: ip.DataSource) -> common.SubnetEvaluator:
+  """Scores paths of the trained supernet: `config.calibration_batches` augmented
+  training batches recalibrate BatchNorm, `val_source` measures accuracy."""
+  s = config.supernet
+  batches = ip.train_batches(train_source, config.calibration_batch_size, s.image_size,
+                             s.augment, config.seed + 1)
+  calibration = [next(batches) for _ in range(config.calibration_batches)]
+  held_out = list(ip.eval_batches(val_source, config.calibration_batch_size, s.image_size,
+                                  s.augment))
+  return common.SubnetEvaluator(model, variables, calibration, held_out)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str):
   start = time.time()
   data = common.search_data(config, workdir, lambda _, classes: common.held_out_splits(
@@ -69,28 +99,17 @@ def run(config: ml_collections.ConfigDict, workdir: str):
 
   teacher = retrain.distillation_teacher(config.supernet.loss, config)
 
-  # Supernet: the path of step s depends only on (seed, s), on every host.
+  # Supernet.
   t = time.time()
   model = models.build_model(config.space, num_classes, dropout=config.dropout)
-  n_dev = jax.local_device_count()
-
-  def add_path(step, batch):
-    arch = sampler(np.random.default_rng([config.seed, step]))
-    return dict(batch, arch=np.tile(np.asarray(arch, np.int32), (n_dev, 1)))
-
-  supernet = trainer.fit(config.supernet, os.path.join(workdir, 'supernet'), model,
-                         train_source, None, teacher, add_to_batch=add_path)
+  supernet = train_supernet(config, os.path.join(workdir, 'supernet'), model, train_source,
+                            sampler, teacher)
   phase_times['supernet_s'] = time.time() - t
 
   # Search.
   t = time.time()
-  s = config.supernet
-  batches = ip.train_batches(train_source, config.calibration_batch_size, s.image_size,
-                             s.augment, config.seed + 1)
-  calibration = [next(batches) for _ in range(config.calibration_batches)]
-  held_out = list(ip.eval_batches(val_source, config.calibration_batch_size, s.image_size,
-                                  s.augment))
-  evaluator = common.SubnetEvaluator(model, supernet['state'].variables, calibration, held_out)
+  evaluator = subnet_evaluator(config, model, supernet['state'].variables, train_source,
+                               val_source)
 
   def searchable(arch):  # the reference searches under a FLOPs limit, not the band
     return config.search_flops_max <= 0 or sampler.mflops(arch) <= config.search_flops_max

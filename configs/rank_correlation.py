@@ -1,0 +1,98 @@
+"""Consistency study: do synthetic data variants rank architectures as real data does?
+
+  python -m dfnas_jax.main --config=configs/rank_correlation.py
+  python -m dfnas_jax.main --config=configs/rank_correlation.py:smoke   # tests
+
+Offline copy of CIFAR-10 (ground truth on train[:45000], everything scored on
+train[45000:]):
+  --config.real_dataset=cifar10_jpeg --config.real_data_dir=/path/to/tfds \
+  --config.real_train_split='train[:45000]' --config.eval_dataset=cifar10_jpeg \
+  --config.eval_data_dir=/path/to/tfds --config.eval_split='train[45000:]' --config.download=False
+
+Report: docs/rank_correlation.md. A rerun with the same work directory skips
+finished cells (a cell: one architecture trained on one variant, or one
+variant's supernet), so the study can be stopped and continued, or widened by
+adding variants.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+from configs import retrain as retrain_config
+from configs import search_data
+from configs import synthesize as synthesize_config
+
+
+def get_config(preset: str = '') -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = 'rank_correlation'
+  c.seed = 0
+  c.teacher = 'cifar10_resnet20'
+  c.teacher_checkpoint = ''
+  c.soft_labels = 'stored'        # distillation targets: the dataset's | teacher (per batch, slower)
+
+  # The K architectures: evenly spaced FLOPs quantiles of `pool_size` seeded paths
+  # whose FLOPs lie in [flops_min, flops_max] (<= 0: unbounded); the supernets
+  # train on the same band.
+  c.space = 'spos_cifar'
+  c.num_architectures = 6
+  c.pool_size = 1000
+  c.flops_min = 0.0
+  c.flops_max = 0.0
+  # space='darts': random genotypes (one_shot=False), networks of this size.
+  c.darts_channels = 12
+  c.darts_layers = 5
+
+  # Data variants (dfnas_jax.evaluation.rank_correlation.VARIANTS), all of the
+  # size of `synthesis`: full, no_rlc, no_regional, deepinversion, gaussian_noise.
+  c.variants = 'full,no_rlc,no_regional,deepinversion,gaussian_noise'
+  c.synthesis = synthesize_config.get_config()
+  c.synthesis.images_per_round, c.synthesis.num_rounds = 128, 2
+
+  # Ground truth: real data with hard labels; every ranking is scored on eval_*.
+  c.real_dataset = 'cifar10'
+  c.real_data_dir = config_dict.placeholder(str)
+  c.real_train_split = 'train'
+  c.real_augment = 'cifar'
+  c.synthetic_augment = 'crop'
+  c.download = True
+  search_data.add_real_evaluation(c)
+
+  # Stand-alone training, the same schedule for every architecture and data.
+  c.train = retrain_config.get_config()
+  c.train.batch_size = 32
+  c.train.num_train_steps = 120
+  c.train.learning_rate = 0.05
+  c.train.warmup_epochs = 0.0
+  c.train.weight_decay = 5e-4
+  c.train.eval_every_steps = 10 ** 9  # once, at the end
+  c.train.checkpoint_every_steps = 100
+
+  # One-shot: a supernet per variant, subnets scored on its first val_per_class
+  # images of each class after BatchNorm recalibration.
+  c.one_shot = True
+  c.dropout = 0.0
+  c.val_per_class = 5
+  c.supernet = search_data.trainer_fields(batch_size=32, steps=120, lr=0.1, weight_decay=4e-5,
+                                          image_size=32, augment='crop')
+  c.calibration_batches = 2
+  c.calibration_batch_size = 64
+
+  c.num_bootstrap = 1000
+
+  if preset == 'smoke':
+    c.space = 'spos_tiny'
+    c.num_architectures, c.pool_size = 3, 20
+    c.variants = 'full,gaussian_noise'
+    c.synthesis = synthesize_config.get_config('smoke')
+    c.train = retrain_config.get_config('smoke')
+    c.train.eval_every_steps = 10 ** 9
+    c.real_train_split = 'train[:256]'
+    c.eval_split = 'test[:64]'
+    c.val_per_class = 1
+    c.supernet = search_data.trainer_fields(batch_size=8, steps=3, lr=0.05, weight_decay=4e-5,
+                                            image_size=32, augment='crop')
+    c.calibration_batches, c.calibration_batch_size = 1, 8
+    c.num_bootstrap = 50
+  elif preset:
+    raise ValueError(f"Unknown preset {preset!r} for rank_correlation; presets: '', 'smoke'")
+  return c

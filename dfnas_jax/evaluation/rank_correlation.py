@@ -1,0 +1,345 @@
+"""Stage `rank_correlation`: does synthetic data rank architectures the way real data does?
+
+The paper's consistency analysis. K architectures of a SPOS space (or random
+DARTS genotypes, space='darts') are fixed by seed, spread over the space by
+FLOPs (DARTS: by their number of convolutions). Ground truth: each is trained from
+scratch on real data (hard labels) and evaluated on a real held-out split.
+Then, for each data variant (the full method, its ablations, plain
+DeepInversion, teacher-labelled Gaussian noise; all the same size):
+
+  stand-alone: each architecture is trained by distillation on the variant
+               (same schedule) and evaluated on the real held-out split;
+  one-shot:    one supernet is trained on the variant and the K subnets are
+               ranked by BN-recalibrated accuracy on the variant's own held-out
+               images (what the SPOS search uses).
+
+Each ranking is compared with the ground truth: Kendall's tau and Spearman's
+rho with bootstrap 95% intervals over architectures, and the regret of the
+variant's top-1 pick (best real accuracy minus that of the pick).
+
+WORKDIR/
+  architectures.json           the K architectures (fixed by seed)
+  data/<variant>/              synthesize stage work directories
+  stand_alone/<variant>/<k>/   retrain stage work directories ('real' = ground truth)
+  one_shot/<variant>/          supernet checkpoints (SPOS spaces)
+  cells/...json                one finished cell each; a rerun skips them
+  results.json, results.md, stand_alone.png, one_shot.png
+"""
+import os
+import time
+from typing import Dict, List, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from scipy import stats
+
+from dfnas_jax import models, plots
+from dfnas_jax import workdir as wd
+from dfnas_jax.data import input_pipeline as ip
+from dfnas_jax.evaluation import retrain
+from dfnas_jax.models import darts as darts_lib
+from dfnas_jax.models import spos as spos_lib
+from dfnas_jax.nas import common, spos
+from dfnas_jax.synthesis import synthesize
+
+REAL = 'real'
+# Synthesis config overrides of each data variant.
+VARIANTS = {
+    'full': {},
+    'no_rlc': {'label_calibration': False},
+    'no_regional': {'regional_update': False},
+    'deepinversion': {'label_calibration': False, 'regional_update': False,
+                      'multi_resolution': False},
+    'gaussian_noise': {'method': 'gaussian_noise'},
+}
+VERSIONS = ('stand_alone', 'one_shot')
+
+
+def variant_names(config) -> List[str]:
+  names = [v.strip() for v in config.variants.split(',') if v.strip()]
+  unknown = [v for v in names if v not in VARIANTS]
+  if unknown or not names:
+    raise ValueError(f'variants={config.variants!r}: each must be one of {sorted(VARIANTS)}.')
+  return names
+
+
+def choose_architectures(space: spos_lib.SearchSpace, num_classes: int, count: int,
+                         pool_size: int, flops_min: float, flops_max: float,
+                         seed: int) -> List[spos.Arch]:
+  """`count` distinct paths at evenly spaced FLOPs quantiles of a seeded pool.
+
+  Spreading by FLOPs spreads the expected accuracies too, which is what a
+  ranking can be tested on; K near-identical paths would rank by noise.
+  """
+  if not 2 <= count <= pool_size:
+    raise ValueError(f'num_architectures must be in [2, pool_size={pool_size}], got {count}.')
+  sampler = spos.PathSampler(space, num_classes, flops_min, flops_max)
+  rng = np.random.default_rng(seed)
+  pool = {sampler(rng) for _ in range(pool_size)}
+  if len(pool) < count:
+    raise ValueError(f'Only {len(pool)} distinct paths in a pool of {pool_size}; '
+                     f'widen the FLOPs band or lower num_architectures.')
+  ranked = sorted(pool, key=lambda a: (sampler.mflops(a), a))
+  picks = np.unique(np.round(np.linspace(0, len(ranked) - 1, count)).astype(int))
+  return [ranked[i] for i in picks]
+
+
+def darts_architectures(count: int, pool_size: int, init_channels: int, layers: int,
+                        seed: int) -> List[str]:
+  """`count` distinct random DARTS networks, spread by their number of convolutions.
+
+  Each genotype is derived, as the DARTS search derives its result, from
+  architecture logits drawn from N(0, 1).
+  """
+  rng = np.random.default_rng(seed)
+  shape = (darts_lib.NUM_EDGES, len(darts_lib.PRIMITIVES))
+  pool = {darts_lib.derive_genotype({t: rng.normal(size=shape) for t in darts_lib.CELL_TYPES})
+          for _ in range(pool_size)}
+  if len(pool) < count:
+    raise ValueError(f'Only {len(pool)} distinct genotypes in a pool of {pool_size}.')
+  ranked = sorted(pool, key=lambda g: (darts_convolutions(g), str(g)))
+  picks = np.unique(np.round(np.linspace(0, len(ranked) - 1, count)).astype(int))
+  return [darts_lib.architecture_name(ranked[i], init_channels, layers) for i in picks]
+
+
+def darts_convolutions(genotype) -> int:
+  """Separable and dilated convolutions in the normal and reduction cells."""
+  return sum(op.startswith(('sep_conv', 'dil_conv'))
+             for op, _ in (*genotype.normal, *genotype.reduce))
+
+
+def rank_statistics(scores: Sequence[float], truth: Sequence[float], num_bootstrap: int,
+                    seed: int) -> Dict[str, float]:
+  """Kendall's tau-b and Spearman's rho of `scores` against `truth`, bootstrap 95%
+  intervals (architectures resampled with replacement), and the top-1 regret."""
+  scores, truth = np.asarray(scores, float), np.asarray(truth, float)
+
+  def correlations(idx):
+    s, t = scores[idx], truth[idx]
+    if np.ptp(s) == 0 or np.ptp(t) == 0:  # undefined for a constant ranking
+      return np.nan, np.nan
+    return stats.kendalltau(s, t).statistic, stats.spearmanr(s, t).statistic
+
+  tau, rho = correlations(np.arange(len(scores)))
+  rng = np.random.default_rng(seed)
+  boot = np.array([correlations(rng.integers(len(scores), size=len(scores)))
+                   for _ in range(num_bootstrap)])
+  pick = int(np.argmax(scores))
+  result = {'kendall_tau': float(tau), 'spearman_rho': float(rho), 'top1_index': pick,
+            'top1_real_accuracy': float(truth[pick]),
+            'regret': float(truth.max() - truth[pick])}
+  for j, name in enumerate(('kendall_tau', 'spearman_rho')):
+    low, high = (np.nanpercentile(boot[:, j], [2.5, 97.5]) if np.isfinite(boot[:, j]).any()
+                 else (np.nan, np.nan))
+    result[f'{name}_ci95'] = [float(low), float(high)]
+  return result
+
+
+class Study:
+  """The table's cells, each computed once and saved under WORKDIR/cells."""
+
+  def __init__(self, config, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.variants = variant_names(config)
+    self.space = spos_lib.SPACES.get(config.space)  # None: DARTS
+    self._data: Dict[str, str] = {}
+    self._times: List[float] = []  # seconds per cell computed in this run, for the ETA
+
+  def _cell_path(self, *parts) -> str:
+    return os.path.join(self.workdir, 'cells', *parts[:-1], f'{parts[-1]}.json')
+
+  def cell(self, parts: Sequence[str], compute, total: int, done: int):
+    """The saved cell `parts`, or compute() saved there (process 0 writes)."""
+    path = self._cell_path(*parts)
+    if os.path.exists(path):
+      return wd.read_json(path)
+    start = time.time()
+    value = compute()
+    self._times.append(time.time() - start)
+    if jax.process_index() == 0:
+      wd.write_json(path, value)
+    eta = np.mean(self._times) * (total - done - 1)
+    logging.info('Cell %s done in %.0f s (%d/%d; ETA %.1f min at this run\'s pace).',
+                 '/'.join(parts), self._times[-1], done + 1, total, eta / 60)
+    return value
+
+  def data(self, variant: str) -> str:
+    """The synthetic dataset directory of `variant` (synthesized once)."""
+    if variant not in self._data:
+      sc = ml_collections.ConfigDict(self.config.synthesis.to_dict())
+      sc.teacher, sc.teacher_checkpoint = self.config.teacher, self.config.teacher_checkpoint
+      sc.update(VARIANTS[variant])
+      summary_path = os.path.join(self.workdir, 'data', variant, 'summary.json')
+      summary = (wd.read_json(summary_path) if os.path.exists(summary_path)
+                 else synthesize.run(sc, os.path.dirname(summary_path)))
+      self._data[variant] = summary['dataset_dir']
+    return self._data[variant]
+
+  def train(self, variant: str, index: int, architecture: str) -> Dict[str, float]:
+    """Trains one architecture from scratch on `variant` (or real data); real accuracy."""
+    c = self.config
+    rc = ml_collections.ConfigDict(c.train.to_dict())
+    rc.update(stage='retrain', name=f'{variant}_{index}', architecture=architecture,
+              teacher=c.teacher, teacher_checkpoint=c.teacher_checkpoint,
+              soft_labels=c.soft_labels, download=c.download, eval_dataset=c.eval_dataset,
+              eval_data_dir=c.eval_data_dir, eval_split=c.eval_split)
+    if variant == REAL:
+      rc.update(dataset=c.real_dataset, data_dir=c.real_data_dir,
+                train_split=c.real_train_split, loss='cross_entropy', augment=c.real_augment)
+    else:
+      rc.update(dataset=self.data(variant), data_dir=None, train_split='train',
+                loss='distillation', augment=c.synthetic_augment)
+    result = retrain.run(rc, os.path.join(self.workdir, 'stand_alone', variant, str(index)))
+    return {'accuracy': result['eval_accuracy'], 'train_s': round(result['wall_time_s'], 1)}
+
+  def one_shot(self, variant: str, archs: List[spos.Arch]) -> Dict[str, List[float]]:
+    """Trains a supernet on `variant`; BN-recalibrated held-out accuracy of each arch."""
+    c = self.config
+    dataset = self.data(variant)
+    probe = ip.get_source(dataset, 'train')
+    train_split, val_split = common.class_block_splits(c.val_per_class, probe.num_classes)
+    train_source, val_source = (ip.get_source(dataset, train_split),
+                                ip.get_source(dataset, val_split))
+    model = models.build_model(c.space, probe.num_classes, dropout=c.dropout)
+    sampler = spos.PathSampler(self.space, probe.num_classes, c.flops_min, c.flops_max)
+    teacher = retrain.distillation_teacher(c.supernet.loss, c)
+    start = time.time()
+    supernet = spos.train_supernet(c, os.path.join(self.workdir, 'one_shot', variant), model,
+                                   train_source, sampler, teacher)
+    evaluator = spos.subnet_evaluator(c, model, supernet['state'].variables, train_source,
+                                      val_source)
+    return {'accuracy': [evaluator(a) for a in archs], 'val_split': val_split,
+            'train_s': round(time.time() - start, 1)}
+
+
+def check_config(config) -> None:
+  if config.space != 'darts' and config.space not in spos_lib.SPACES:
+    raise ValueError(f"space must be 'darts' or one of {sorted(spos_lib.SPACES)}, "
+                     f'got {config.space!r}.')
+  if config.space == 'darts' and config.one_shot:
+    raise ValueError('The one-shot ranking needs a SPOS supernet: set one_shot=False for '
+                     "space='darts'.")
+  image_size = spos_lib.SPACES[config.space].image_size if config.space != 'darts' else 32
+  for name in ('train', 'supernet'):
+    if config[name].image_size != image_size:
+      raise ValueError(f'Space {config.space!r} is for {image_size} px inputs but '
+                       f'{name}.image_size is {config[name].image_size}.')
+  if not config.eval_dataset:
+    raise ValueError('eval_dataset must name the real held-out data every ranking is scored on.')
+  retrain.check_soft_labels(config)
+  variant_names(config)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str):
+  start = time.time()
+  check_config(config)
+  study = Study(config, workdir)
+  variants = study.variants
+  num_classes = ip.get_source(config.eval_dataset, config.eval_split, config.eval_data_dir,
+                              config.download).num_classes
+
+  if study.space is None:
+    names = darts_architectures(config.num_architectures, config.pool_size,
+                                config.darts_channels, config.darts_layers, config.seed)
+    archs, sizes = names, [darts_convolutions(darts_lib.parse_name(n)['genotype'])
+                           for n in names]
+  else:
+    archs = choose_architectures(study.space, num_classes, config.num_architectures,
+                                 config.pool_size, config.flops_min, config.flops_max,
+                                 config.seed)
+    names = [spos_lib.architecture_name(config.space, a) for a in archs]
+    sizes = [spos_lib.cost(study.space, a, num_classes)[0] / 1e6 for a in archs]
+  size_unit = 'convolutions' if study.space is None else 'MFLOPs'
+  arch_path = os.path.join(workdir, 'architectures.json')
+  if os.path.exists(arch_path):  # finished cells belong to these architectures
+    if wd.read_json(arch_path)['architectures'] != names:
+      raise ValueError(f'{workdir} holds a study of other architectures ({arch_path}); the '
+                       'seed, space, FLOPs band or count changed. Use a new work directory.')
+  elif jax.process_index() == 0:
+    wd.write_json(arch_path, {'space': config.space, 'architectures': names})
+  logging.info('Architectures:\n%s', '\n'.join(
+      f'  {i}: {n} ({c:g} {size_unit})' for i, (n, c) in enumerate(zip(names, sizes))))
+
+  # Data first, then architecture by architecture: all variants of one architecture
+  # share its compiled distillation step (through the persistent compilation cache).
+  for v in variants:
+    study.data(v)
+  total = len(archs) * (1 + len(variants)) + (len(variants) if config.one_shot else 0)
+  done = 0
+  stand_alone = {v: [None] * len(archs) for v in [REAL] + variants}
+  for i, name in enumerate(names):
+    for v in [REAL] + variants:
+      stand_alone[v][i] = study.cell(('stand_alone', v, str(i)),
+                                     lambda: study.train(v, i, name), total, done)['accuracy']
+      done += 1
+  one_shot = {}
+  if config.one_shot:
+    for v in variants:
+      one_shot[v] = study.cell(('one_shot', v), lambda: study.one_shot(v, archs), total,
+                               done)['accuracy']
+      done += 1
+
+  truth = stand_alone[REAL]
+  scores = {'stand_alone': {v: stand_alone[v] for v in variants}, 'one_shot': one_shot}
+  table = {version: {v: rank_statistics(s, truth, config.num_bootstrap, config.seed)
+                     for v, s in per_variant.items()}
+           for version, per_variant in scores.items()}
+  results = {
+      'stage': 'rank_correlation', 'space': config.space, 'architectures': names,
+      'size': sizes, 'size_unit': size_unit, 'real_accuracy': truth, 'scores': scores, 'statistics': table,
+      'num_images': {v: ip.get_source(study.data(v), 'train').num_examples for v in variants},
+      'eval_data': f'{config.eval_dataset} {config.eval_split}',
+      'real_train_data': f'{config.real_dataset} {config.real_train_split}',
+      'train_steps': config.train.num_train_steps, 'supernet_steps': config.supernet.num_train_steps,
+      'wall_time_s': round(time.time() - start, 1),
+  }
+  if jax.process_index() == 0:
+    wd.write_json(os.path.join(workdir, 'results.json'), results)
+    wd.atomic_write_bytes(os.path.join(workdir, 'results.md'), markdown(results).encode())
+    for version, per_variant in scores.items():
+      if per_variant:
+        panels = {v: (np.asarray(truth), np.asarray(s),
+                      f"tau {table[version][v]['kendall_tau']:.2f}")
+                  for v, s in per_variant.items()}
+        plots.rank_scatter(panels, 'real-data accuracy (ground truth)',
+                           'accuracy on real held-out' if version == 'stand_alone'
+                           else 'supernet accuracy (own held-out)',
+                           os.path.join(workdir, f'{version}.png'),
+                           labels=[str(i) for i in range(len(archs))])
+  summary = {k: results[k] for k in ('stage', 'space', 'architectures', 'wall_time_s')}
+  summary['kendall_tau'] = {version: {v: s['kendall_tau'] for v, s in per.items()}
+                            for version, per in table.items()}
+  wd.write_summary(workdir, summary)
+  return summary
+
+
+def _interval(stat: Dict[str, float], name: str) -> str:
+  low, high = stat[f'{name}_ci95']
+  if not np.isfinite(stat[name]):
+    return 'undefined (a constant ranking)'
+  return f'{stat[name]:+.2f} [{low:+.2f}, {high:+.2f}]'
+
+
+def markdown(results: Dict) -> str:
+  """The report's tables: rank agreement per variant, then accuracies per architecture."""
+  lines = ['| version | data | Kendall tau [95% CI] | Spearman rho [95% CI] | top-1 pick | '
+           'its real acc. | regret |', '|---|---|---|---|---|---|---|']
+  for version, per_variant in results['statistics'].items():
+    for v, s in per_variant.items():
+      lines.append(f"| {version} | {v} | {_interval(s, 'kendall_tau')} | "
+                   f"{_interval(s, 'spearman_rho')} | {s['top1_index']} | "
+                   f"{100 * s['top1_real_accuracy']:.1f}% | {100 * s['regret']:.1f} pt |")
+  variants = list(results['scores']['stand_alone'])
+  one_shot = results['scores']['one_shot']
+  header = (['#', 'architecture', results['size_unit'], 'real'] + [f'{v} (s.a.)' for v in variants]
+            + [f'{v} (o.s.)' for v in one_shot])
+  lines += ['', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  for i, name in enumerate(results['architectures']):
+    row = [str(i), f'`{name}`', f"{results['size'][i]:g}",
+           f"{100 * results['real_accuracy'][i]:.1f}"]
+    row += [f"{100 * results['scores']['stand_alone'][v][i]:.1f}" for v in variants]
+    row += [f'{100 * s[i]:.1f}' for s in one_shot.values()]
+    lines.append('| ' + ' | '.join(row) + ' |')
+  return '\n'.join(lines) + '\n'

@@ -1,0 +1,113 @@
+"""Consistency study: rank statistics, architecture choice, and the stage's resumable table."""
+import json
+import jax
+import numpy as np
+import pytest
+
+from configs import rank_correlation as rc_config
+from dfnas_jax.evaluation import rank_correlation as rc
+from dfnas_jax.models import darts, spos
+
+
+def test_rank_statistics_known_values():
+  same = rc.rank_statistics([1, 2, 3, 4], [10, 20, 30, 40], num_bootstrap=200, seed=0)
+  assert same['kendall_tau'] == pytest.approx(1) and same['spearman_rho'] == pytest.approx(1)
+  assert same['kendall_tau_ci95'] == pytest.approx([1, 1]) and same['regret'] == 0
+  reverse = rc.rank_statistics([4, 3, 2, 1], [0.1, 0.2, 0.3, 0.4], num_bootstrap=200, seed=0)
+  assert reverse['kendall_tau'] == pytest.approx(-1) and reverse['top1_index'] == 0
+  assert reverse['regret'] == pytest.approx(0.3) and reverse['top1_real_accuracy'] == 0.1
+  # One swapped pair of four: 5 of 6 pairs concordant; squared rank differences sum to 2.
+  swap = rc.rank_statistics([1, 3, 2, 4], [1, 2, 3, 4], num_bootstrap=500, seed=0)
+  assert swap['kendall_tau'] == pytest.approx(4 / 6)
+  assert swap['spearman_rho'] == pytest.approx(1 - 6 * 2 / (4 * 15))
+  low, high = swap['kendall_tau_ci95']
+  assert -1 <= low < swap['kendall_tau'] <= high <= 1
+  constant = rc.rank_statistics([0.5, 0.5, 0.5], [1, 2, 3], num_bootstrap=20, seed=0)
+  assert np.isnan(constant['kendall_tau']) and 'undefined' in rc.markdown(_results(constant))
+
+
+def _results(stat):
+  return {'statistics': {'stand_alone': {'full': stat}}, 'architectures': [], 'size_unit': '',
+          'scores': {'stand_alone': {'full': []}, 'one_shot': {}}}
+
+
+def test_architectures_are_distinct_spread_by_flops_and_fixed_by_seed():
+  space = spos.SPACES['spos_cifar']
+  archs = rc.choose_architectures(space, 10, 6, 300, 12.0, 16.0, seed=3)
+  mflops = [spos.cost(space, a, 10)[0] / 1e6 for a in archs]
+  assert len(set(archs)) == 6 and mflops == sorted(mflops)
+  assert 12.0 <= mflops[0] and mflops[-1] <= 16.0 and mflops[-1] - mflops[0] > 2.0
+  assert archs == rc.choose_architectures(space, 10, 6, 300, 12.0, 16.0, seed=3)
+  assert archs != rc.choose_architectures(space, 10, 6, 300, 12.0, 16.0, seed=4)
+  with pytest.raises(ValueError, match='distinct paths'):  # only 2 paths cost <= 1.8 M
+    rc.choose_architectures(spos.SPACES['spos_tiny'], 10, 3, 50, 0.0, 1.8, seed=0)
+
+
+def test_darts_option_gives_distinct_valid_genotypes_spread_by_convolutions():
+  names = rc.darts_architectures(5, 100, init_channels=8, layers=3, seed=0)
+  assert len(set(names)) == 5 and names == rc.darts_architectures(5, 100, 8, 3, seed=0)
+  convs = [rc.darts_convolutions(darts.parse_name(n)['genotype']) for n in names]
+  assert convs == sorted(convs) and convs[-1] - convs[0] >= 4
+  assert all(darts.parse_name(n)['init_channels'] == 8 for n in names)
+  config = rc_config.get_config('smoke')
+  config.space = 'darts'
+  with pytest.raises(ValueError, match='one_shot=False'):
+    rc.check_config(config)
+
+
+def test_bad_configs_are_named():
+  config = rc_config.get_config('smoke')
+  config.variants = 'full,no_such_variant'
+  with pytest.raises(ValueError, match='no_such_variant'):
+    rc.check_config(config)
+  config = rc_config.get_config('smoke')
+  config.train.image_size = 64
+  with pytest.raises(ValueError, match='train.image_size'):
+    rc.check_config(config)
+
+
+def _smoke(data_dir, **overrides):
+  config = rc_config.get_config('smoke')
+  config.update(num_architectures=2, variants='gaussian_noise', real_dataset='cifar10_jpeg',
+                real_data_dir=data_dir, eval_dataset='cifar10_jpeg', eval_data_dir=data_dir,
+                eval_split='train[45000:45064]', download=False)
+  config.train.num_train_steps = 2
+  config.update(overrides)
+  return config
+
+
+@pytest.fixture
+def quick_compiles():
+  """XLA without most optimizations: this test compiles five networks and runs them briefly."""
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', False)
+
+
+def test_study_writes_its_table_and_a_rerun_skips_finished_cells(data_dir, tmp_path,
+                                                                 quick_compiles):
+  workdir = tmp_path / 'study'
+  rc.run(_smoke(data_dir), str(workdir))
+  results = json.loads((workdir / 'results.json').read_text())
+  assert len(results['architectures']) == 2 and len(results['real_accuracy']) == 2
+  for version in rc.VERSIONS:
+    assert set(results['statistics'][version]) == {'gaussian_noise'}
+    scores = results['scores'][version]['gaussian_noise']
+    assert len(scores) == 2 and all(0 <= a <= 1 for a in scores)
+    assert (workdir / f'{version}.png').stat().st_size > 0
+  assert results['num_images'] == {'gaussian_noise': 32}
+  table = (workdir / 'results.md').read_text()
+  assert '| stand_alone | gaussian_noise |' in table and '| one_shot | gaussian_noise |' in table
+  cells = sorted(str(p.relative_to(workdir)) for p in (workdir / 'cells').glob('**/*.json'))
+  assert cells == ['cells/one_shot/gaussian_noise.json',
+                   *[f'cells/stand_alone/{v}/{i}.json' for v in ('gaussian_noise', 'real')
+                     for i in (0, 1)]]
+  kept = {p: p.stat().st_mtime_ns for p in (workdir / 'cells').glob('**/*.json')}
+
+  rc.run(_smoke(data_dir, num_bootstrap=10), str(workdir))  # every cell is reused
+  assert {p: p.stat().st_mtime_ns for p in kept} == kept
+  again = json.loads((workdir / 'results.json').read_text())
+  assert again['scores'] == results['scores']
+
+  with pytest.raises(ValueError, match='other architectures'):
+    rc.run(_smoke(data_dir, seed=5), str(workdir))
