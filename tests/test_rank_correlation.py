@@ -24,6 +24,9 @@ def test_rank_statistics_known_values():
   assert -1 <= low < swap['kendall_tau'] <= high <= 1
   constant = rc.rank_statistics([0.5, 0.5, 0.5], [1, 2, 3], num_bootstrap=20, seed=0)
   assert np.isnan(constant['kendall_tau']) and 'undefined' in rc.markdown(_results(constant))
+  # A tie for the top is a random pick among the tied: its expected accuracy.
+  assert constant['top1_ties'] == 3 and constant['regret'] == pytest.approx(3 - 2)
+  assert 'a 3-way tie' in rc.markdown(_results(constant))
 
 
 def _results(stat):
