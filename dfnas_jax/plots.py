@@ -1,6 +1,7 @@
 """Figures the stages write into their work directories (matplotlib, headless)."""
+import glob
 import os
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -101,8 +102,6 @@ def rank_scatter(panels: Dict[str, Tuple[np.ndarray, np.ndarray, str]], xlabel: 
 
 # --- Reading a work directory back (the notebooks in colab/) ---------------------------------
 
-from typing import Optional  # noqa: E402
-
 
 def read_scalars(logdir: str) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
   """{tag: (steps, values)} of the scalars a clu metric writer logged to `logdir`.
@@ -111,7 +110,6 @@ def read_scalars(logdir: str) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
   oldest first, so where a resumed run logged a step again its last value wins.
   Returns {} when there are none.
   """
-  import glob
   import tensorflow as tf  # only here: the stages import this module too
   from tensorflow.core.util import event_pb2
   values: Dict[str, Dict[int, float]] = {}
