@@ -1,9 +1,9 @@
 """Train a zoo teacher from in-memory arrays, augmenting on the accelerator.
 
-The shipped `cifar10_resnet20` was trained with this on one GPU machine that had
-no TensorFlow (so no TFDS reader): the CIFAR-10 JPEGs travel as one `.npz`, are
-decoded with Pillow and kept on the device, and each step gathers, pad-crops and
-flips its batch there. Model, optimizer and train step are the package's own
+For an accelerator machine without TensorFlow (so without the TFDS reader): the
+CIFAR-10 JPEGs travel as one `.npz`, are decoded with Pillow and kept on the
+device, and each step gathers, pad-crops and flips its batch there. (The shipped
+`cifar10_resnet20` was trained on CPU by the teacher stage; see its model card.) Model, optimizer and train step are the package's own
 (`dfnas_jax.train`), so the recipe matches `configs/teacher.py`. It also reports
 training throughput (steps/s, images/s).
 

@@ -53,6 +53,10 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.tv_l1_weight = 0.0
   c.l2_weight = 1e-5
 
+  # The teacher's activations: float32 | bfloat16 (accelerators; canvas, Adam and the loss
+  # terms stay float32).
+  c.compute_dtype = 'float32'
+
   c.chunk_steps = 50              # steps per device dispatch (host looks at losses between)
   c.preview_images = 32
 

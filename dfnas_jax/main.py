@@ -3,6 +3,10 @@
 Everything a stage needs is in its config; `config.stage` picks the stage. The work
 directory defaults to ./workdir/<config file stem>; rerunning with the same work
 directory resumes.
+
+Multi-host (one process per Cloud TPU VM host): add --distributed. Elsewhere
+(GPU clusters, several CPU processes) also name the coordinator:
+  --distributed --coordinator_address=HOST0:1234 --num_processes=N --process_id=I
 """
 import os
 import sys
@@ -12,7 +16,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dfnas_jax import stages
+from dfnas_jax import distributed, stages
 
 # configs/*.py import each other as `configs.*`: in a source checkout (pip install -e)
 # make that package importable from any working directory.
@@ -26,6 +30,12 @@ config_flags.DEFINE_config_file('config', None, 'Stage config file (configs/*.py
 flags.DEFINE_string('workdir', None, 'Work directory; default ./workdir/<config file stem>.')
 flags.DEFINE_bool('compilation_cache', True,
                   'Keep compiled steps in <workdir>/jax_cache for reruns and resumes.')
+flags.DEFINE_bool('distributed', False,
+                  'Run as one process of a multi-process job (jax.distributed.initialize).')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0; auto-detected on Cloud TPU VMs and SLURM.')
+flags.DEFINE_integer('num_processes', None, 'Processes in the job (with coordinator_address).')
+flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -45,6 +55,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietOrbax())
+  if FLAGS.distributed:  # before anything starts a JAX backend
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  elif FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None:
+    raise app.UsageError('--coordinator_address/--num_processes/--process_id need --distributed.')
   # tf.data only: keep TensorFlow off the accelerators JAX uses.
   tf.config.set_visible_devices([], 'GPU')
   workdir = FLAGS.workdir or default_workdir()

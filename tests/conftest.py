@@ -34,3 +34,12 @@ def train_config(data_dir):
   config.download = False
   config.image_size = 16
   return config
+
+
+@pytest.fixture
+def quick_compiles():
+  """XLA without most optimizations, for tests whose time goes to compiling, not running."""
+  import jax
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', False)

@@ -106,7 +106,7 @@ def test_search_network_shapes_and_architecture_inputs():
   assert out.shape == (2, 10)
 
 
-def test_each_architecture_row_weights_its_own_edge():
+def test_each_architecture_row_weights_its_own_edge(quick_compiles):
   """One-hot weights: identity skips on edge e and on n_i <- s0 for the nodes before e's."""
   cell = darts.SearchCell(4, affine=False, axis_name=None)
   s0, s1 = jax.random.normal(jax.random.PRNGKey(0), (2, 1, 6, 6, 4))
@@ -137,7 +137,7 @@ def test_each_architecture_row_weights_its_own_edge():
         assert np.abs(block).max() == 0, (labels[e], i)
 
 
-def test_genotype_network_trains_with_auxiliary_head_and_drop_path():
+def test_genotype_network_trains_with_auxiliary_head_and_drop_path(quick_compiles):
   name = darts.architecture_name(GENOTYPE, 4, 3, auxiliary=True, drop_path=0.3)
   model = models.build_model(name, 10)
   variables = state_lib.init_variables(model, jax.random.PRNGKey(0), 16)

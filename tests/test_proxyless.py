@@ -174,7 +174,7 @@ def test_latency_term_moves_probability_to_faster_candidates(form):
     assert p[slowest] < uniform[layer, slowest] - 0.05
 
 
-def test_one_compiled_step_serves_every_sampled_path():
+def test_one_compiled_step_serves_every_sampled_path(quick_compiles):
   """Paths differ from step to step; neither step compiles again after its first call."""
   # Two layers (one may be zero, one strided) keep the compilation short.
   space = space_lib.SearchSpace(8, 1, 8, (8, 16), (1, 1), (1, 2), 32, 16, TINY.mean, TINY.std)

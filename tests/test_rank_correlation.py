@@ -1,6 +1,5 @@
 """Consistency study: rank statistics, architecture choice, and the stage's resumable table."""
 import json
-import jax
 import numpy as np
 import pytest
 
@@ -77,14 +76,6 @@ def _smoke(data_dir, **overrides):
   config.train.num_train_steps = 2
   config.update(overrides)
   return config
-
-
-@pytest.fixture
-def quick_compiles():
-  """XLA without most optimizations: this test compiles five networks and runs them briefly."""
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', False)
 
 
 def test_study_writes_its_table_and_a_rerun_skips_finished_cells(data_dir, tmp_path,

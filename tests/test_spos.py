@@ -90,7 +90,7 @@ def _leaf(tree, *path):
   return np.asarray(tree)
 
 
-def test_supernet_step_compiles_once_and_leaves_unused_choices_untouched():
+def test_supernet_step_compiles_once_and_leaves_unused_choices_untouched(quick_compiles):
   model = models.build_model('spos_tiny', 10)
   traces = []
 

@@ -12,6 +12,17 @@ _CIFAR = dict(block=resnet.BasicBlock, widths=(16, 32, 64), stem='cifar',
 _IMAGENET = dict(widths=(64, 128, 256, 512), stem='imagenet',
                  mean=resnet.IMAGENET_MEAN, std=resnet.IMAGENET_STD)
 
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> Any:
+  """The activation dtype a config names. With bfloat16, parameters, BatchNorm
+  statistics, optimizer state and losses stay float32 (mixed precision)."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f'compute_dtype={name!r}: expected one of {sorted(COMPUTE_DTYPES)}.')
+  return COMPUTE_DTYPES[name]
+
+
 ARCHITECTURES: Dict[str, Callable[..., Any]] = {
     'cifar_resnet8': partial(resnet.ResNet, stage_sizes=(1, 1, 1), **_CIFAR),  # tests, smoke runs
     'cifar_resnet20': partial(resnet.ResNet, stage_sizes=(3, 3, 3), **_CIFAR),

@@ -25,7 +25,7 @@ import optax
 from absl import logging
 from clu import metrics, periodic_actions
 
-from dfnas_jax import plots
+from dfnas_jax import models, plots
 from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.evaluation import retrain
@@ -144,7 +144,8 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
   num_steps = config.num_epochs * steps_per_epoch
   tx, lr_fn = weight_optimizer(config, num_steps)
   arch_tx = arch_optimizer(config)
-  model = space.DARTSSearchNet(train_source.num_classes, config.init_channels, config.layers)
+  model = space.DARTSSearchNet(train_source.num_classes, config.init_channels, config.layers,
+                               dtype=models.compute_dtype(config.compute_dtype))
   weight_rng, alpha_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   alphas = space.initial_alphas(alpha_rng)
   state = common.SearchState(

@@ -40,7 +40,7 @@ import optax
 from absl import logging
 from clu import metrics, periodic_actions
 
-from dfnas_jax import plots
+from dfnas_jax import models, plots
 from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.evaluation import retrain
@@ -274,7 +274,8 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
   lr_fn = weight_schedule(config, warmup_steps, num_steps - warmup_steps)
   tx = state_lib.sgd(lr_fn, config.momentum, config.weight_decay, config.nesterov)
   arch_tx = arch_optimizer(config)
-  model = space_lib.ProxylessNet(space, train_source.num_classes, dropout=config.dropout)
+  model = space_lib.ProxylessNet(space, train_source.num_classes, dropout=config.dropout,
+                                 dtype=models.compute_dtype(config.compute_dtype))
   weight_rng, alpha_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   alphas = config.arch_init_std * jax.random.normal(alpha_rng, allowed.shape)
   state = common.SearchState(

@@ -101,7 +101,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
 
   # Supernet.
   t = time.time()
-  model = models.build_model(config.space, num_classes, dropout=config.dropout)
+  model = models.build_model(config.space, num_classes, models.compute_dtype(config.compute_dtype),
+                             dropout=config.dropout)
   supernet = train_supernet(config, os.path.join(workdir, 'supernet'), model, train_source,
                             sampler, teacher)
   phase_times['supernet_s'] = time.time() - t

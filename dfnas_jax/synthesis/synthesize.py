@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from clu import periodic_actions
 
-from dfnas_jax import plots, teachers
+from dfnas_jax import models, plots, teachers
 from dfnas_jax import workdir as wd
 from dfnas_jax.synthesis import inversion
 from dfnas_jax.synthesis.writer import ShardWriter
@@ -81,7 +81,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def run(config: ml_collections.ConfigDict, workdir: str):
   start_time = time.time()
-  module, variables, spec = teachers.load(config.teacher, config.teacher_checkpoint or None)
+  module, variables, spec = teachers.load(config.teacher, config.teacher_checkpoint or None,
+                                          dtype=models.compute_dtype(config.compute_dtype))
   n_dev, n_proc = jax.local_device_count(), jax.process_count()
   check_config(config, n_dev, n_proc)
   batch = config.batch_size  # a host makes whole batches (shards) on its local devices
@@ -134,15 +135,20 @@ def run(config: ml_collections.ConfigDict, workdir: str):
 
   if n_proc > 1:
     multihost_utils.sync_global_devices('synthesis shards written')
-  if jax.process_index() != 0:
-    return None
-  missing = [s for s in range(num_shards) if not writer.exists(s)]
-  if missing:
-    raise RuntimeError(f'Shards {missing} of {out_dir} are missing after all hosts finished.')
-  writer.finalize(
-      description=f'Images synthesized from teacher {spec.name} by dfnas_jax.',
-      metadata={'teacher': spec.name, 'config': json.loads(config.to_json_best_effort())})
-  return _summarize(config, workdir, writer, spec, num_shards, time.time() - start_time)
+  summary = None
+  if jax.process_index() == 0:
+    missing = [s for s in range(num_shards) if not writer.exists(s)]
+    if missing:
+      raise RuntimeError(f'Shards {missing} of {out_dir} are missing after all hosts finished.')
+    writer.finalize(
+        description=f'Images synthesized from teacher {spec.name} by dfnas_jax.',
+        metadata={'teacher': spec.name, 'config': json.loads(config.to_json_best_effort())})
+    summary = _summarize(config, workdir, writer, spec, num_shards, time.time() - start_time)
+  if n_proc > 1:  # the others go on to read the dataset: wait until it is complete
+    multihost_utils.sync_global_devices('synthetic dataset finalized')
+    if summary is None:
+      summary = wd.read_json(os.path.join(workdir, 'summary.json'))
+  return summary
 
 
 def _summarize(config, workdir, writer, spec, num_shards, wall_time):

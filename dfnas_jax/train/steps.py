@@ -123,13 +123,13 @@ def eval_step(variables, batch, *, apply_fn):
       labels=batch['label'], mask=batch['mask'])
 
 
-def replicate(tree):
-  """`tree` on every local device, laid out exactly as pmap-ed steps return it.
+def replicate(tree, devices=None):
+  """`tree` on every local device (or on `devices`), laid out as pmap-ed steps return it.
 
   flax's `replicate` gives a different sharding than a pmap output, which made
   the second step compile the whole train step again (10 s to minutes on CPU).
   """
-  return _pmap_identity(flax.jax_utils.replicate(tree))
+  return _pmap_identity(flax.jax_utils.replicate(tree, devices))
 
 
 _pmap_identity = jax.pmap(lambda tree: tree, axis_name=AXIS)

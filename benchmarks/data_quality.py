@@ -1,0 +1,142 @@
+"""How good is the synthetic data: a student distilled on each ablation, at one budget.
+
+Each row synthesizes the same number of images from the same teacher with one
+set of method switches, then distils the same student for the same number of
+steps on it (soft labels from the teacher, recomputed on each augmented crop)
+and scores it on a real held-out split:
+
+  gaussian_noise  teacher-labelled N(0, 1) noise, no optimization
+  deepinversion   hard targets, canvas = window (jitter only), one resolution
+  +rlc            ... + recursive label calibration
+  +regional       ... + regional update (random windows of a larger canvas)
+  full            ... + multi-resolution (the method)
+
+  python benchmarks/data_quality.py --workdir=/tmp/data_quality \
+      --eval_dataset=cifar10_jpeg --eval_data_dir=$TFDS --eval_split='train[45000:]'
+
+Rows resume: a row whose student finished is read back, a half-done one
+continues where its stages stopped. Writes WORKDIR/results.md and results.json.
+"""
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+
+from configs import retrain as retrain_config
+from configs import synthesize as synthesize_config
+from dfnas_jax import stages
+from dfnas_jax import workdir as wd
+
+ROWS = {
+    'gaussian_noise': {'method': 'gaussian_noise'},
+    'deepinversion': {'label_calibration': False, 'regional_update': False,
+                      'multi_resolution': False},
+    '+rlc': {'regional_update': False, 'multi_resolution': False},
+    '+regional': {'multi_resolution': False},
+    'full': {},
+}
+
+flags.DEFINE_string('workdir', None, 'One sub-directory per row.')
+flags.DEFINE_list('rows', list(ROWS), f'Rows to run, of {list(ROWS)}.')
+flags.DEFINE_string('teacher', 'cifar10_resnet20', 'Zoo teacher.')
+flags.DEFINE_integer('images_per_round', 128, 'Synthetic images per RLC round.')
+flags.DEFINE_integer('num_rounds', 2, 'RLC rounds (images = rounds x images_per_round).')
+flags.DEFINE_integer('batch_size', 128, 'Synthesis batch.')
+flags.DEFINE_multi_string('synth', [], 'Extra synthesis config overrides, key=value '
+                          '(e.g. --synth=bn_weight=0.1), applied to every row.')
+flags.DEFINE_string('student', 'cifar_resnet20', 'Student architecture.')
+flags.DEFINE_integer('student_steps', 400, 'Distillation steps.')
+flags.DEFINE_integer('student_batch', 64, 'Distillation batch.')
+flags.DEFINE_float('student_lr', 0.05, 'Peak learning rate (cosine, no warm-up).')
+flags.DEFINE_string('eval_dataset', 'cifar10', 'Real TFDS dataset for the score.')
+flags.DEFINE_string('eval_data_dir', None, 'Its TFDS data_dir.')
+flags.DEFINE_string('eval_split', 'test', 'Its split.')
+flags.DEFINE_bool('download', True, 'Let TFDS download the real dataset.')
+flags.mark_flags_as_required(['workdir'])
+FLAGS = flags.FLAGS
+
+
+def _override(config, assignment: str):
+  key, sep, text = assignment.partition('=')
+  if not sep or key not in config:
+    raise ValueError(f'--synth={assignment!r}: expected key=value with a key of the '
+                     f'synthesize config ({sorted(config)}).')
+  old = config[key]
+  if isinstance(old, bool):
+    if text.lower() not in ('true', 'false'):
+      raise ValueError(f'--synth={assignment!r}: {key} takes true or false.')
+    config[key] = text.lower() == 'true'
+  else:
+    config[key] = type(old)(text)
+
+
+def synthesis_config(row: str):
+  config = synthesize_config.get_config()
+  config.update(teacher=FLAGS.teacher, images_per_round=FLAGS.images_per_round,
+                num_rounds=FLAGS.num_rounds, batch_size=FLAGS.batch_size)
+  for assignment in FLAGS.synth:
+    _override(config, assignment)
+  config.update(ROWS[row])
+  return config
+
+
+def student_config(dataset_dir: str):
+  config = retrain_config.get_config()
+  config.update(
+      architecture=FLAGS.student, dataset=dataset_dir, teacher=FLAGS.teacher,
+      soft_labels='teacher', eval_dataset=FLAGS.eval_dataset, eval_split=FLAGS.eval_split,
+      download=FLAGS.download, batch_size=FLAGS.student_batch,
+      num_train_steps=FLAGS.student_steps, learning_rate=FLAGS.student_lr, warmup_epochs=0.0,
+      eval_every_steps=10 * FLAGS.student_steps)
+  config.eval_data_dir = FLAGS.eval_data_dir
+  return config
+
+
+def run_row(row: str):
+  base = os.path.join(FLAGS.workdir, row.lstrip('+'))
+  done = os.path.join(base, 'student', 'summary.json')
+  if os.path.exists(done):
+    return wd.read_json(os.path.join(base, 'synthesize', 'summary.json')), wd.read_json(done)
+  start = time.time()
+  synthesis = stages.run(synthesis_config(row), os.path.join(base, 'synthesize'))
+  student = stages.run(student_config(synthesis['dataset_dir']), os.path.join(base, 'student'))
+  logging.info('Row %s: student accuracy %.4f (%.0f s).', row, student['eval_accuracy'],
+               time.time() - start)
+  return synthesis, student
+
+
+def main(argv):
+  del argv
+  unknown = [r for r in FLAGS.rows if r not in ROWS]
+  if unknown:
+    raise app.UsageError(f'Unknown rows {unknown}; rows: {list(ROWS)}')
+  results = {}
+  for row in FLAGS.rows:
+    synthesis, student = run_row(row)
+    results[row] = {
+        'student_accuracy': student['eval_accuracy'],
+        'teacher_agrees_with_target': synthesis['teacher_agrees_with_target'],
+        'mean_teacher_confidence': synthesis['mean_teacher_confidence'],
+        'num_images': synthesis['num_images'],
+        'synthesis_s': round(synthesis['wall_time_s']),
+        'student_s': round(student['wall_time_s'])}
+  lines = ['| data | images | student accuracy | teacher agrees with target | '
+           'mean teacher confidence | synthesis s | student s |', '|---|---|---|---|---|---|---|']
+  for row, r in results.items():
+    lines.append(f"| {row} | {r['num_images']} | {100 * r['student_accuracy']:.1f}% | "
+                 f"{r['teacher_agrees_with_target']:.2f} | {r['mean_teacher_confidence']:.2f} | "
+                 f"{r['synthesis_s']} | {r['student_s']} |")
+  table = '\n'.join(lines) + '\n'
+  wd.write_json(os.path.join(FLAGS.workdir, 'results.json'),
+                {'rows': results, 'flags': {f: FLAGS[f].value for f in (
+                    'teacher', 'images_per_round', 'num_rounds', 'synth', 'student',
+                    'student_steps', 'student_batch', 'student_lr', 'eval_dataset', 'eval_split')}})
+  wd.atomic_write_bytes(os.path.join(FLAGS.workdir, 'results.md'), table.encode())
+  print(table)
+
+
+if __name__ == '__main__':
+  app.run(main)
