@@ -247,6 +247,7 @@ def test_search_splits_halve_in_class_blocks_and_reject_half_configs():
     ('mode', 'second_order', 'darts mode must be one of'),
     ('loss', 'mse', "darts loss must be 'distillation' or 'cross_entropy'"),
     ('soft_labels', 'oracle', 'soft_labels must be one of'),
+    ('compute_dtype', 'fp16', "compute_dtype='fp16': expected one of"),
 ])
 def test_bad_darts_configs_are_one_clear_error(tmp_path, field, value, message):
   config = darts_config.get_config('smoke')

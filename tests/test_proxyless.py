@@ -238,6 +238,7 @@ def test_cost_tables_flops_and_cached_latency(tmp_path, monkeypatch):
     ('cost_loss', 'exp', 'cost_loss must be one of'),
     ('space', 'proxyless_huge', 'space must be one of'),
     ('arch_update_every', 0, 'arch_update_every must be >= 1'),
+    ('compute_dtype', 'fp16', "compute_dtype='fp16': expected one of"),
 ])
 def test_bad_proxylessnas_configs_are_one_clear_error(tmp_path, field, value, message):
   config = proxylessnas_config.get_config('smoke')

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import spos as spos_config
 from dfnas_jax import models, teachers
 from dfnas_jax.models import layers, spos
 from dfnas_jax.nas import common as nas_common
@@ -215,3 +216,11 @@ def test_spos_smoke_end_to_end_and_rerun_resumes(data_dir, tmp_path):
   assert again['best_architecture'] == summary['best_architecture']
   assert again['final_accuracy'] == summary['final_accuracy']
   assert 'Reusing the synthetic dataset' in out.stderr
+
+
+def test_bad_compute_dtype_fails_before_any_work(tmp_path):
+  config = spos_config.get_config('smoke')
+  config.compute_dtype = 'fp16'
+  with pytest.raises(ValueError, match="compute_dtype='fp16': expected one of"):
+    spos_stage.run(config, str(tmp_path))
+  assert not (tmp_path / 'synthesize').exists()

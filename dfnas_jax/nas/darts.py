@@ -120,6 +120,7 @@ def _check(config):
   if config.loss not in ('distillation', 'cross_entropy'):
     raise ValueError(f"darts loss must be 'distillation' or 'cross_entropy', got {config.loss!r}")
   retrain.check_soft_labels(config)
+  models.compute_dtype(config.compute_dtype)  # a bad name fails before any work
 
 
 def write_genotype_files(directory: str, epoch: int, alphas) -> space.Genotype:

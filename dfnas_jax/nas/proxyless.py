@@ -249,6 +249,7 @@ def _check(config):
     raise ValueError(f'Need num_epochs >= 1 and warmup_epochs >= 0, got {config.num_epochs} '
                      f'and {config.warmup_epochs}')
   retrain.check_soft_labels(config)
+  models.compute_dtype(config.compute_dtype)  # a bad name fails before any work
 
 
 # --- The search ----------------------------------------------------------------------

@@ -86,6 +86,7 @@ def subnet_evaluator(config, model, variables, train_source: ip.DataSource,
 
 def run(config: ml_collections.ConfigDict, workdir: str):
   start = time.time()
+  dtype = models.compute_dtype(config.compute_dtype)  # a bad name fails before synthesis
   data = common.search_data(config, workdir, lambda _, classes: common.held_out_splits(
       config, classes))
   phase_times = {'data_s': data.seconds}
@@ -101,8 +102,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
 
   # Supernet.
   t = time.time()
-  model = models.build_model(config.space, num_classes, models.compute_dtype(config.compute_dtype),
-                             dropout=config.dropout)
+  model = models.build_model(config.space, num_classes, dtype, dropout=config.dropout)
   supernet = train_supernet(config, os.path.join(workdir, 'supernet'), model, train_source,
                             sampler, teacher)
   phase_times['supernet_s'] = time.time() - t
