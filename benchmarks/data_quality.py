@@ -29,14 +29,15 @@ from configs import retrain as retrain_config
 from configs import synthesize as synthesize_config
 from dfnas_jax import stages
 from dfnas_jax import workdir as wd
+from dfnas_jax.evaluation.rank_correlation import VARIANTS
 
+# Synthesis overrides per row; the consistency study's variants where they coincide.
 ROWS = {
-    'gaussian_noise': {'method': 'gaussian_noise'},
-    'deepinversion': {'label_calibration': False, 'regional_update': False,
-                      'multi_resolution': False},
+    'gaussian_noise': VARIANTS['gaussian_noise'],
+    'deepinversion': VARIANTS['deepinversion'],
     '+rlc': {'regional_update': False, 'multi_resolution': False},
     '+regional': {'multi_resolution': False},
-    'full': {},
+    'full': VARIANTS['full'],
 }
 
 flags.DEFINE_string('workdir', None, 'One sub-directory per row.')

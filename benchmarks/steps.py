@@ -1,14 +1,14 @@
 """The three hot steps against the device's own peak, as one markdown table.
 
-  python benchmarks/steps.py                     # CPU-sized defaults, about 3 minutes here
-  python benchmarks/steps.py --scale=accelerator # reference-sized batches, under 8 minutes
+  python benchmarks/steps.py                     # CPU-sized; 9 minutes on 2 CPU cores
+  python benchmarks/steps.py --scale=accelerator # reference-sized batches
 
 Rows: the synthesis (inversion) update on all local devices, and the SPOS
 supernet step and the DARTS search step (exact second-order hypergradient), each
-on one device and on all (the per-device batch fixed). Columns: images/s, GFLOP per step from XLA's cost analysis of the
-compiled step, achieved GFLOP/s, and that as a fraction of the peak measured in
-the same run by a large float32 matmul on one device. Random weights and inputs:
-cost does not depend on them.
+on one device and on all (the per-device batch fixed). Columns: images/s, GFLOP
+per step from XLA's cost analysis of the compiled step, achieved GFLOP/s, and
+that as a fraction of the peak measured in the same run by a large float32
+matmul on one device. Random weights and inputs: cost does not depend on them.
 """
 import os
 import sys
