@@ -1,5 +1,5 @@
 """TrainState with BatchNorm statistics, its initialization and the SGD optimizer."""
-from typing import Any
+from typing import Any, Dict, Optional
 
 import flax.linen as nn
 import jax
@@ -52,7 +52,10 @@ def sgd(learning_rate: optax.Schedule, momentum: float, weight_decay: float,
 
 
 def create_train_state(model: nn.Module, rng: jax.Array, image_size: int,
-                       tx: optax.GradientTransformation) -> TrainState:
-  variables = init_variables(model, rng, image_size)
+                       tx: optax.GradientTransformation,
+                       variables: Optional[Dict[str, Any]] = None) -> TrainState:
+  """A fresh state; `variables` ({'params', 'batch_stats'}) replace the random init."""
+  if variables is None:
+    variables = init_variables(model, rng, image_size)
   return TrainState.create(apply_fn=model.apply, params=variables['params'],
                            batch_stats=variables['batch_stats'], tx=tx)

@@ -78,11 +78,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
       config.lr_schedule)
   tx = state_lib.sgd(lr_fn, config.momentum, config.weight_decay, config.nesterov)
   state = state_lib.create_train_state(model, jax.random.PRNGKey(config.seed),
-                                       config.image_size, tx)
-  if initial_variables is not None:
-    state = state.replace(params=initial_variables['params'],
-                          batch_stats=initial_variables['batch_stats'])
-    state = state.replace(opt_state=tx.init(state.params))
+                                       config.image_size, tx, initial_variables)
   mngr = checkpointing.manager(os.path.join(workdir, 'checkpoints'),
                                config.keep_checkpoints, config.checkpoint_every_steps)
   state = checkpointing.restore_latest(mngr, state) or state
