@@ -21,6 +21,11 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.augment = 'cifar'                   # cifar | imagenet | none
 
   c.init_from = ''                      # teacher name or model dir to fine-tune; '' = scratch
+  # SWA over cosine-cycle ends: after training, average the weights with these models'
+  # (comma-separated teacher names or model dirs) and recompute the BatchNorm statistics
+  # over one augmented pass of the training split, in batches of average_batch_size.
+  c.average_with = ''
+  c.average_batch_size = 500
   c.seed = 0
   c.batch_size = 128
   c.num_epochs = 30.0

@@ -67,11 +67,11 @@ def test_bad_weight_files_are_clear_errors(tmp_path):
 def test_shipped_cifar10_teacher_is_accurate(data_dir):
   """The packaged weights load offline and classify held-out CIFAR-10 images.
 
-  A regression guard on the shipped file (its model card: 87.4% on train[45000:], 86.8% on
+  A regression guard on the shipped file (its model card: 88.1% on train[45000:], 87.0% on
   these 1,000 images); random or mis-converted weights score about 10%.
   """
   module, variables, spec = teachers.load('cifar10_resnet20')
   source = ip.get_source('cifar10_jpeg', 'train[45000:46000]', data_dir, download=False)
   results = trainer.evaluate(flax.jax_utils.replicate(variables), source, 500, spec.image_size,
                              'cifar', apply_fn=module.apply)
-  assert results['accuracy'] >= 0.86, results
+  assert results['accuracy'] >= 0.865, results

@@ -115,6 +115,40 @@ def test_teacher_stage_fine_tunes_from_init_from(train_config, tmp_path):
     teacher_train.run(config, str(tmp_path / 'wrong'))
 
 
+def test_teacher_stage_averages_weights_and_recomputes_batchnorm(train_config, tmp_path):
+  from dfnas_jax.teachers import train as teacher_train
+  config = train_config
+  config.num_train_steps, config.eval_split = 3, ''
+  first = teacher_train.run(config, str(tmp_path / 'first'))
+  config.average_with = 'no_such_teacher'
+  with pytest.raises(ValueError, match='Unknown teacher'):  # before any training
+    teacher_train.run(config, str(tmp_path / 'bad'))
+  assert not (tmp_path / 'bad' / 'checkpoints').exists()
+
+  # A zero learning rate keeps the second run at its seed-1 initialization.
+  config.seed, config.learning_rate = 1, 0.0
+  config.average_with, config.average_batch_size = first['model_dir'], 64
+  summary = teacher_train.run(config, str(tmp_path / 'averaged'))
+  assert summary['averaged_with'] == [first['model_dir']]
+  module, averaged, _ = teachers.load(summary['model_dir'])
+  _, other, _ = teachers.load(first['model_dir'])
+  trained = state_lib.init_variables(module, jax.random.PRNGKey(1), config.image_size)
+  jax.tree_util.tree_map(lambda a, b, c: np.testing.assert_allclose(a, (b + c) / 2, atol=1e-7),
+                         averaged['params'], trained['params'], other['params'])
+  # The first BatchNorm's mean is the mean of conv1's output over one augmented pass.
+  source = ip.get_source(config.dataset, config.train_split, config.data_dir, False)
+  num_batches = ip.steps_per_epoch(source, 64)
+  assert num_batches == 4
+  batches = ip.train_batches(source, 64, config.image_size, config.augment, config.seed + 1)
+  conv1_means = []
+  for _, batch in zip(range(num_batches), batches):
+    _, inter = module.apply(averaged, batch['image'][0], capture_intermediates=True)
+    conv1_means.append(np.mean(inter['intermediates']['conv1']['__call__'][0], axis=(0, 1, 2)))
+  np.testing.assert_allclose(averaged['batch_stats']['bn1']['mean'], np.mean(conv1_means, 0),
+                             atol=1e-5)
+  assert not np.allclose(averaged['batch_stats']['bn1']['mean'], other['batch_stats']['bn1']['mean'])
+
+
 def test_two_devices_match_one_device():
   """pmean-ed gradients and cross-replica BatchNorm: 2 devices x 8 == 1 device x 16."""
   script = textwrap.dedent('''

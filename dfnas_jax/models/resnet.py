@@ -90,10 +90,11 @@ class ResNet(nn.Module):
   std: Sequence[float] = CIFAR10_STD
   dtype: Any = jnp.float32
   axis_name: Optional[str] = 'batch'
+  bn_momentum: float = 0.9
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+    norm = partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
                    epsilon=1e-5, dtype=self.dtype,
                    axis_name=self.axis_name if train else None)
     x = (images - jnp.asarray(self.mean)) / jnp.asarray(self.std)

@@ -6,7 +6,6 @@ from typing import Any, Callable, Dict, List, NamedTuple, Sequence, Tuple
 import flax
 import flax.jax_utils
 import jax
-import jax.numpy as jnp
 import numpy as np
 import ml_collections
 import orbax.checkpoint as ocp
@@ -32,15 +31,7 @@ class SubnetEvaluator:
   def __init__(self, model, variables, calibration, held_out):
     self.rvariables = steps.replicate(variables)
     self.calibration, self.held_out = calibration, held_out
-    calibrating = model.clone(bn_momentum=0.0)  # running stats := this batch's stats
-
-    def batch_stats(variables, batch):
-      _, updates = calibrating.apply(
-          variables, batch['image'], architecture=batch['arch'], train=True,
-          mutable=['batch_stats'], rngs={'dropout': jax.random.PRNGKey(0)})
-      return updates['batch_stats']
-
-    self.p_batch_stats = jax.pmap(batch_stats, axis_name=steps.AXIS)
+    self.p_batch_stats = steps.pmap_batch_stats_step(model)
     self.p_eval = steps.pmap_eval_step(model.apply)
 
   def set_variables(self, replicated_variables) -> None:
@@ -50,11 +41,8 @@ class SubnetEvaluator:
   def __call__(self, arch: Sequence[int]) -> float:
     n_dev = jax.local_device_count()
     arch = np.tile(np.asarray(arch, np.int32), (n_dev, 1))
-    total = None
-    for batch in self.calibration:
-      stats = self.p_batch_stats(self.rvariables, dict(batch, arch=arch))
-      total = stats if total is None else jax.tree_util.tree_map(jnp.add, total, stats)
-    stats = jax.tree_util.tree_map(lambda s: s / len(self.calibration), total)
+    calibration = (dict(batch, arch=arch) for batch in self.calibration)
+    stats = steps.mean_batch_stats(self.p_batch_stats, self.rvariables, calibration)
     variables = {'params': self.rvariables['params'], 'batch_stats': stats}
     held_out = (dict(batch, arch=arch) for batch in self.held_out)
     return trainer.evaluate_batches(variables, held_out, self.p_eval)['accuracy']

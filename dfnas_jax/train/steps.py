@@ -142,3 +142,33 @@ def pmap_train_step(**kwargs):
 
 def pmap_eval_step(apply_fn):
   return jax.pmap(functools.partial(eval_step, apply_fn=apply_fn), axis_name=AXIS)
+
+
+def pmap_batch_stats_step(model):
+  """pmap-ed (variables, batch) -> the BatchNorm statistics of this batch alone.
+
+  `model` needs a `bn_momentum` field: at momentum 0 the updated running
+  statistics are exactly the (cross-replica) batch statistics.
+  """
+  calibrating = model.clone(bn_momentum=0.0)
+
+  def batch_stats(variables, batch):
+    _, updates = calibrating.apply(
+        variables, batch['image'], train=True, mutable=['batch_stats'],
+        rngs={'dropout': jax.random.PRNGKey(0)}, **model_inputs(batch))
+    return updates['batch_stats']
+
+  return jax.pmap(batch_stats, axis_name=AXIS)
+
+
+def mean_batch_stats(p_batch_stats, variables, batches):
+  """BatchNorm statistics for (replicated) `variables`: the mean over `batches` of
+  each batch's statistics (SPOS's per-path recalibration, SWA's BN update)."""
+  total, count = None, 0
+  for batch in batches:
+    stats = p_batch_stats(variables, batch)
+    total = stats if total is None else jax.tree_util.tree_map(jnp.add, total, stats)
+    count += 1
+  if not count:
+    raise ValueError('Recomputing BatchNorm statistics needs at least one batch.')
+  return jax.tree_util.tree_map(lambda s: s / count, total)
