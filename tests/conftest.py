@@ -1,7 +1,9 @@
 """Shared fixtures. Real-data tests read the offline CIFAR-10 copy (TFDS `cifar10_jpeg`).
 
 Its location: $DFNAS_TEST_DATA_DIR, else ../shared/data/tfds next to the repository.
-The package itself never needs it.
+The NAS-Bench-201 results table: $DFNAS_NB201_TABLE, else
+../shared/data/nasbench201/cifar10.json next to the repository.
+The package itself never needs these copies.
 """
 import os
 import pathlib
@@ -20,6 +22,15 @@ def data_dir():
   path = _data_dir()
   if not os.path.isdir(os.path.join(path, 'cifar10_jpeg')):
     pytest.skip(f'offline cifar10_jpeg not found under {path} (set DFNAS_TEST_DATA_DIR)')
+  return path
+
+
+@pytest.fixture(scope='session')
+def nb201_table_path():
+  path = os.environ.get('DFNAS_NB201_TABLE',
+                        str(REPO.parent / 'shared' / 'data' / 'nasbench201' / 'cifar10.json'))
+  if not os.path.isfile(path):
+    pytest.skip(f'NAS-Bench-201 table {path} not found (set DFNAS_NB201_TABLE)')
   return path
 
 
