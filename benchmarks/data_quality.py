@@ -10,9 +10,12 @@ and scores it on a real held-out split:
   +rlc            ... + recursive label calibration
   +regional       ... + regional update (random windows of a larger canvas)
   full            ... + multi-resolution (the method)
+  real_same_count as many real training images (the first of --real_split), no
+                  synthesis: what a synthetic image is worth against a real one
 
   python benchmarks/data_quality.py --workdir=/tmp/data_quality \
-      --eval_dataset=cifar10_jpeg --eval_data_dir=$TFDS --eval_split='train[45000:]'
+      --eval_dataset=cifar10_jpeg --eval_data_dir=$TFDS --eval_split='train[45000:]' \
+      --real_dataset=cifar10_jpeg --real_data_dir=$TFDS --nodownload
 
 Rows resume: a row whose student finished is read back, a half-done one
 continues where its stages stopped. Writes WORKDIR/results.md and results.json.
@@ -39,9 +42,10 @@ ROWS = {
     '+regional': {'multi_resolution': False},
     'full': VARIANTS['full'],
 }
+REAL_ROW = 'real_same_count'
 
 flags.DEFINE_string('workdir', None, 'One sub-directory per row.')
-flags.DEFINE_list('rows', list(ROWS), f'Rows to run, of {list(ROWS)}.')
+flags.DEFINE_list('rows', [*ROWS, REAL_ROW], f'Rows to run, of {[*ROWS, REAL_ROW]}.')
 flags.DEFINE_string('teacher', 'cifar10_resnet20', 'Zoo teacher.')
 flags.DEFINE_integer('images_per_round', 128, 'Synthetic images per RLC round.')
 flags.DEFINE_integer('num_rounds', 2, 'RLC rounds (images = rounds x images_per_round).')
@@ -55,7 +59,10 @@ flags.DEFINE_float('student_lr', 0.05, 'Peak learning rate (cosine, no warm-up).
 flags.DEFINE_string('eval_dataset', 'cifar10', 'Real TFDS dataset for the score.')
 flags.DEFINE_string('eval_data_dir', None, 'Its TFDS data_dir.')
 flags.DEFINE_string('eval_split', 'test', 'Its split.')
-flags.DEFINE_bool('download', True, 'Let TFDS download the real dataset.')
+flags.DEFINE_string('real_dataset', 'cifar10', f'Real TFDS training data of the {REAL_ROW} row.')
+flags.DEFINE_string('real_data_dir', None, 'Its TFDS data_dir.')
+flags.DEFINE_string('real_split', 'train', 'Its split; the row takes its first images.')
+flags.DEFINE_bool('download', True, 'Let TFDS download the real datasets.')
 flags.mark_flags_as_required(['workdir'])
 FLAGS = flags.FLAGS
 
@@ -84,21 +91,28 @@ def synthesis_config(row: str):
   return config
 
 
-def student_config(dataset_dir: str):
+def student_config(dataset: str, split: str = 'train', data_dir=None, augment: str = 'crop'):
   config = retrain_config.get_config()
   config.update(
-      architecture=FLAGS.student, dataset=dataset_dir, teacher=FLAGS.teacher,
+      architecture=FLAGS.student, dataset=dataset, train_split=split, augment=augment,
+      teacher=FLAGS.teacher,
       soft_labels='teacher', eval_dataset=FLAGS.eval_dataset, eval_split=FLAGS.eval_split,
       download=FLAGS.download, batch_size=FLAGS.student_batch,
       num_train_steps=FLAGS.student_steps, learning_rate=FLAGS.student_lr, warmup_epochs=0.0,
       eval_every_steps=10 * FLAGS.student_steps)
-  config.eval_data_dir = FLAGS.eval_data_dir
+  config.eval_data_dir, config.data_dir = FLAGS.eval_data_dir, data_dir
   return config
 
 
 def run_row(row: str):
   base = os.path.join(FLAGS.workdir, row.lstrip('+'))
   done = os.path.join(base, 'student', 'summary.json')
+  if row == REAL_ROW:  # no synthesis; the teacher labels real images as it does synthetic ones
+    count = FLAGS.images_per_round * FLAGS.num_rounds
+    student = (wd.read_json(done) if os.path.exists(done) else stages.run(
+        student_config(FLAGS.real_dataset, f'{FLAGS.real_split}[:{count}]',
+                       FLAGS.real_data_dir, augment='cifar'), os.path.join(base, 'student')))
+    return {'num_images': count, 'wall_time_s': 0.0}, student
   if os.path.exists(done):
     return wd.read_json(os.path.join(base, 'synthesize', 'summary.json')), wd.read_json(done)
   start = time.time()
@@ -111,30 +125,40 @@ def run_row(row: str):
 
 def main(argv):
   del argv
-  unknown = [r for r in FLAGS.rows if r not in ROWS]
+  unknown = [r for r in FLAGS.rows if r not in ROWS and r != REAL_ROW]
   if unknown:
-    raise app.UsageError(f'Unknown rows {unknown}; rows: {list(ROWS)}')
+    raise app.UsageError(f'Unknown rows {unknown}; rows: {[*ROWS, REAL_ROW]}')
+  if '[' in FLAGS.real_split:
+    raise app.UsageError(f'--real_split={FLAGS.real_split!r}: give a whole split; the '
+                         f'{REAL_ROW} row takes its first images.')
   results = {}
   for row in FLAGS.rows:
     synthesis, student = run_row(row)
     results[row] = {
         'student_accuracy': student['eval_accuracy'],
-        'teacher_agrees_with_target': synthesis['teacher_agrees_with_target'],
-        'mean_teacher_confidence': synthesis['mean_teacher_confidence'],
+        'teacher_agrees_with_target': synthesis.get('teacher_agrees_with_target'),
+        'mean_teacher_confidence': synthesis.get('mean_teacher_confidence'),
         'num_images': synthesis['num_images'],
         'synthesis_s': round(synthesis['wall_time_s']),
         'student_s': round(student['wall_time_s'])}
   lines = ['| data | images | student accuracy | teacher agrees with target | '
            'mean teacher confidence | synthesis s | student s |', '|---|---|---|---|---|---|---|']
+  number = lambda x: '-' if x is None else f'{x:.2f}'
   for row, r in results.items():
     lines.append(f"| {row} | {r['num_images']} | {100 * r['student_accuracy']:.1f}% | "
-                 f"{r['teacher_agrees_with_target']:.2f} | {r['mean_teacher_confidence']:.2f} | "
-                 f"{r['synthesis_s']} | {r['student_s']} |")
+                 f"{number(r['teacher_agrees_with_target'])} | "
+                 f"{number(r['mean_teacher_confidence'])} | {r['synthesis_s']} | "
+                 f"{r['student_s']} |")
+  if REAL_ROW in results and 'full' in results:
+    ratio = results['full']['student_accuracy'] / results[REAL_ROW]['student_accuracy']
+    lines.append(f'\nA synthetic image (full method) is worth {ratio:.2f} real images at '
+                 'this budget (student accuracy ratio).')
   table = '\n'.join(lines) + '\n'
   wd.write_json(os.path.join(FLAGS.workdir, 'results.json'),
                 {'rows': results, 'flags': {f: FLAGS[f].value for f in (
                     'teacher', 'images_per_round', 'num_rounds', 'synth', 'student',
-                    'student_steps', 'student_batch', 'student_lr', 'eval_dataset', 'eval_split')}})
+                    'student_steps', 'student_batch', 'student_lr', 'eval_dataset', 'eval_split',
+                    'real_dataset', 'real_split')}})
   wd.atomic_write_bytes(os.path.join(FLAGS.workdir, 'results.md'), table.encode())
   print(table)
 

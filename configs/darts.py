@@ -3,6 +3,7 @@
   python -m dfnas_jax.main --config=configs/darts.py          # reduced scale, 2 CPU cores
   python -m dfnas_jax.main --config=configs/darts.py:cifar10  # the reference's scale
   python -m dfnas_jax.main --config=configs/darts.py:smoke    # CI
+  python -m dfnas_jax.main --config=configs/darts.py:nb201 --config.benchmark_table=cifar10.json
 
 The default searches at reduced scale (8 channels, 3 cells, 16 px, batch 16) so a
 CPU finishes; the search network is then a quarter of the reference's depth.
@@ -30,6 +31,12 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.loss = 'distillation'        # | cross_entropy (hard labels, real data)
   c.soft_labels = 'stored'       # stored logits | teacher (recomputed per augmented batch)
   c.temperature = 3.0
+
+  # Search space: 'darts' (the reference's cells) or a NAS-Bench-201 network 'nb201',
+  # 'nb201-<C>x<N>' (one cell of 6 mixed edges; the result is the argmax op per edge,
+  # retrained at that size). init_channels/layers/retrain_network are DARTS's.
+  c.space = 'darts'
+  c.benchmark_table = ''         # NAS-Bench-201 results: the found cell's accuracy and rank
 
   # Search network and bilevel optimization (reference values unless noted).
   c.mode = 'exact'               # exact second order | first_order | finite_difference
@@ -83,6 +90,20 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
     c.retrain.batch_size, c.retrain.num_epochs, c.retrain.num_train_steps = 96, 600.0, -1
     c.retrain.learning_rate, c.retrain.lr_schedule = 0.025, 'cosine'
     c.retrain.checkpoint_every_steps = 1000
+  elif preset in ('nb201', 'nb201_smoke'):
+    c.space = 'nb201-8x1'
+    c.image_size, c.augment, c.soft_labels = 32, 'crop', 'teacher'  # soft labels of each crop
+    c.batch_size, c.num_epochs = 32, 10
+    c.log_every_steps = c.checkpoint_every_steps = 6
+    c.retrain.batch_size, c.retrain.num_train_steps = 64, 300
+    c.retrain.weight_decay = 5e-4
+    if preset == 'nb201_smoke':
+      c.synthesis = synthesize_config.get_config('smoke')
+      c.space, c.batch_size, c.num_epochs = 'nb201-4x1', 4, 2
+      c.log_every_steps = c.checkpoint_every_steps = 2
+      c.retrain = retrain_config.get_config('smoke')
+      c.eval_split = 'test[:64]'
   elif preset:
-    raise ValueError(f"Unknown preset {preset!r} for darts; presets: '', 'smoke', 'cifar10'")
+    raise ValueError(f"Unknown preset {preset!r} for darts; presets: '', 'smoke', 'cifar10', "
+                     "'nb201', 'nb201_smoke'")
   return c

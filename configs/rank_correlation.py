@@ -2,6 +2,12 @@
 
   python -m dfnas_jax.main --config=configs/rank_correlation.py
   python -m dfnas_jax.main --config=configs/rank_correlation.py:smoke   # tests
+  python -m dfnas_jax.main --config=configs/rank_correlation.py:nb201 \
+    --config.benchmark_table=/path/to/nasbench201/cifar10.json  # + the offline flags below
+
+On NAS-Bench-201 the K cells are drawn from benchmark_table, whose 200-epoch test
+accuracies are the ground truth (no stand-alone training); the real-data rows
+(`real_same_count`, `real`) train the same supernet on real_dataset images.
 
 Offline copy of CIFAR-10 (ground truth on train[:45000], everything scored on
 train[45000:]):
@@ -33,7 +39,8 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   # The K architectures: evenly spaced FLOPs quantiles of `pool_size` seeded paths
   # whose FLOPs lie in [flops_min, flops_max] (<= 0: unbounded); the supernets
   # train on the same band.
-  c.space = 'spos_cifar'
+  c.space = 'spos_cifar'           # | darts | nb201-<C>x<N> (then benchmark_table)
+  c.benchmark_table = ''
   c.num_architectures = 6
   c.pool_size = 1000
   c.flops_min = 0.0
@@ -58,6 +65,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   search_data.add_real_evaluation(c)
 
   # Stand-alone training, the same schedule for every architecture and data.
+  c.stand_alone = True
   c.train = retrain_config.get_config()
   c.train.batch_size = 32
   c.train.num_train_steps = 120
@@ -67,8 +75,8 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.train.eval_every_steps = 10 ** 9  # once, at the end
   c.train.checkpoint_every_steps = 100
 
-  # One-shot: a supernet per variant, subnets scored on its first val_per_class
-  # images of each class after BatchNorm recalibration.
+  # One-shot: a supernet per variant, subnets scored on val_per_class random
+  # images of each class (held out from it) after BatchNorm recalibration.
   c.one_shot = True
   c.dropout = 0.0
   c.val_per_class = 5
@@ -93,6 +101,25 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
                                             image_size=32, augment='crop')
     c.calibration_batches, c.calibration_batch_size = 1, 8
     c.num_bootstrap = 50
+  elif preset in ('nb201', 'nb201_smoke'):
+    c.space = 'nb201-8x1'
+    c.num_architectures = 100
+    c.stand_alone = False
+    c.variants = ('full,no_rlc,no_regional,deepinversion,gaussian_noise,real_same_count,real')
+    c.soft_labels = 'teacher'  # every variant distils the teacher's logits on its crops
+    c.supernet = search_data.trainer_fields(batch_size=64, steps=500, lr=0.1, weight_decay=5e-4,
+                                            image_size=32, augment='crop')
+    if preset == 'nb201_smoke':
+      c.space, c.num_architectures = 'nb201-4x1', 5
+      c.variants = 'full,real_same_count'
+      c.synthesis = synthesize_config.get_config('smoke')
+      c.real_train_split = 'train[:256]'
+      c.val_per_class = 1
+      c.supernet = search_data.trainer_fields(batch_size=8, steps=3, lr=0.05, weight_decay=5e-4,
+                                              image_size=32, augment='crop')
+      c.calibration_batches, c.calibration_batch_size = 1, 8
+      c.num_bootstrap = 50
   elif preset:
-    raise ValueError(f"Unknown preset {preset!r} for rank_correlation; presets: '', 'smoke'")
+    raise ValueError(f"Unknown preset {preset!r} for rank_correlation; presets: '', 'smoke', "
+                     "'nb201', 'nb201_smoke'")
   return c

@@ -3,6 +3,10 @@
   python -m dfnas_jax.main --config=configs/spos.py        # ~18 min on 2 CPU cores
   python -m dfnas_jax.main --config=configs/spos.py:smoke  # CI, a couple of minutes
   python -m dfnas_jax.main --config=configs/spos.py:imagenet --config.teacher_checkpoint=r50.pth
+  python -m dfnas_jax.main --config=configs/spos.py:nb201 --config.benchmark_table=cifar10.json
+
+On NAS-Bench-201 (`nb201`, `nb201_smoke`) the found cell's published 200-epoch
+CIFAR-10 accuracy and rank are read from `benchmark_table` (docs/nasbench201_table.md).
 
 Real-data evaluation of the retrained architecture, offline copy of CIFAR-10:
   --config.eval_dataset=cifar10_jpeg --config.eval_data_dir=/path/to/tfds \
@@ -29,8 +33,10 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.val_split = ''
   c.soft_labels = 'teacher'      # teacher: recomputed per augmented batch | stored
 
-  # Search space (dfnas_jax.models.spos.SPACES) and the FLOPs band of sampled paths.
+  # Search space (dfnas_jax.models.spos.SPACES, or a NAS-Bench-201 network 'nb201',
+  # 'nb201-<C>x<N>') and the FLOPs band of sampled paths.
   c.space = 'spos_cifar'
+  c.benchmark_table = ''         # NAS-Bench-201 results (nb201 spaces): found cell's accuracy
   c.flops_min = 13.0             # MFLOPs (multiply-adds); <= 0: no lower bound
   c.flops_max = 15.5             # <= 0: no upper bound
   c.dropout = 0.1
@@ -83,6 +89,26 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
     c.retrain.lr_schedule = 'linear'
     c.retrain.checkpoint_every_steps = 2000
     c.eval_dataset, c.eval_split = 'imagenet2012', 'validation'
+  elif preset in ('nb201', 'nb201_smoke'):
+    # Uniform single-path sampling over all 5**6 cells, as the benchmark's SPOS baseline;
+    # a reduced network (C channels, N cells per stage) is the one-shot proxy.
+    c.space = 'nb201-8x1'
+    c.flops_min = c.flops_max = c.search_flops_max = 0.0
+    c.dropout = 0.0
+    c.supernet = search_data.trainer_fields(batch_size=64, steps=300, lr=0.1, weight_decay=5e-4,
+                                            image_size=32, augment='crop')
+    c.search.update(population=20, generations=6, top_k=5, num_mutations=8, num_crossovers=8)
+    if preset == 'nb201_smoke':
+      c.synthesis = synthesize_config.get_config('smoke')
+      c.space, c.val_per_class = 'nb201-4x1', 1
+      c.supernet = search_data.trainer_fields(batch_size=8, steps=4, lr=0.05, weight_decay=5e-4,
+                                              image_size=32, augment='crop')
+      c.supernet.checkpoint_every_steps = 2
+      c.search.update(population=4, generations=2, top_k=2, num_mutations=2, num_crossovers=1)
+      c.calibration_batches, c.calibration_batch_size = 1, 8
+      c.retrain = retrain_config.get_config('smoke')
+      c.eval_split = 'test[:64]'
   elif preset:
-    raise ValueError(f"Unknown preset {preset!r} for spos; presets: '', 'smoke', 'imagenet'")
+    raise ValueError(f"Unknown preset {preset!r} for spos; presets: '', 'smoke', 'imagenet', "
+                     "'nb201', 'nb201_smoke'")
   return c

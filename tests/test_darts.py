@@ -232,17 +232,6 @@ def test_hypergradient_rejects_unknown_modes():
 
 # --- The darts stage ----------------------------------------------------------------------
 
-def test_search_splits_halve_in_class_blocks_and_reject_half_configs():
-  config = darts_config.get_config('smoke')
-  assert darts_stage.split_strings(config, 384, 10) == ('train[:190]', 'train[190:]')
-  config.train_split = 'train[:100]'
-  with pytest.raises(ValueError, match='Set both train_split and val_split'):
-    darts_stage.split_strings(config, 384, 10)
-  config.train_split, config.batch_size = '', 64
-  with pytest.raises(ValueError, match='at least batch_size=64'):
-    darts_stage.split_strings(config, 100, 10)
-
-
 @pytest.mark.parametrize('field,value,message', [
     ('mode', 'second_order', 'darts mode must be one of'),
     ('loss', 'mse', "darts loss must be 'distillation' or 'cross_entropy'"),
@@ -278,11 +267,12 @@ def test_darts_smoke_end_to_end_resumes_after_kill(data_dir, tmp_path):
 
   out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert 'Resuming the search from step 2 of 4' in out.stderr
+  # 32 images: 18 weight / 14 architecture images (half of each class), 4 steps an epoch.
+  assert 'Resuming the search from step 2 of 8' in out.stderr
   summary = json.loads((workdir / 'summary.json').read_text())
   assert [h['epoch'] for h in summary['search_history']] == [1, 2]  # no epoch twice
-  assert summary['search_steps'] == 4 and summary['mode'] == 'exact'
-  assert summary['search_train_split'] == 'train[:10]'
+  assert summary['search_steps'] == 8 and summary['mode'] == 'exact'
+  assert summary['search_val_split']['fraction'] == 0.5  # class-balanced random halves
   genotype = darts.Genotype.from_json(summary['genotype'])
   assert summary['architecture'] == darts.architecture_name(genotype, 4, 3, True, 0.2)
   assert darts.parse_name(summary['architecture'])['genotype'] == genotype

@@ -283,7 +283,7 @@ def test_proxylessnas_smoke_end_to_end_resumes_after_kill(data_dir, tmp_path):
   assert [h['phase'] for h in summary['search_history']] == ['warmup', 'search']
   assert summary['search_steps'] == 10 and summary['warmup_steps'] == 5
   assert summary['arch_steps'] == 2 and summary['binary_mode'] == 'two'
-  assert summary['search_train_split'] == 'train[10:]'
+  assert summary['search_val_split']['per_class'] == 1
   found = json.loads((workdir / 'architecture.json').read_text())
   assert found['architecture'] == summary['architecture']
   assert space_lib.parse_name(found['architecture'])[1] == tuple(found['choices'])

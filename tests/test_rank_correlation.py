@@ -6,6 +6,7 @@ import pytest
 from configs import rank_correlation as rc_config
 from dfnas_jax.evaluation import rank_correlation as rc
 from dfnas_jax.models import darts, spos
+from dfnas_jax.nas import spos as spos_stage
 
 
 def test_rank_statistics_known_values():
@@ -28,21 +29,31 @@ def test_rank_statistics_known_values():
   assert 'a 3-way tie' in rc.markdown(_results(constant))
 
 
+def test_top10_precision_counts_the_shared_best_tenth():
+  truth = np.arange(20.0)  # the best tenth: architectures 18 and 19
+  assert rc.rank_statistics(truth, truth, 10, 0)['top10_precision'] == 1.0
+  one_of_two = truth.copy()
+  one_of_two[[18, 0]] = one_of_two[[0, 18]]
+  assert rc.rank_statistics(one_of_two, truth, 10, 0)['top10_precision'] == 0.5
+  assert rc.rank_statistics(-truth, truth, 10, 0)['top10_precision'] == 0.0
+  assert rc.rank_statistics([1, 2, 3], [1, 2, 3], 10, 0)['top10_precision'] == 1.0  # at least 1
+
+
 def _results(stat):
   return {'statistics': {'stand_alone': {'full': stat}}, 'architectures': [], 'size_unit': '',
           'scores': {'stand_alone': {'full': []}, 'one_shot': {}}}
 
 
 def test_architectures_are_distinct_spread_by_flops_and_fixed_by_seed():
-  space = spos.SPACES['spos_cifar']
+  space = spos_stage.one_shot_space('spos_cifar')
   archs = rc.choose_architectures(space, 10, 6, 300, 12.0, 16.0, seed=3)
-  mflops = [spos.cost(space, a, 10)[0] / 1e6 for a in archs]
+  mflops = [spos.cost(spos.SPACES['spos_cifar'], a, 10)[0] / 1e6 for a in archs]
   assert len(set(archs)) == 6 and mflops == sorted(mflops)
   assert 12.0 <= mflops[0] and mflops[-1] <= 16.0 and mflops[-1] - mflops[0] > 2.0
   assert archs == rc.choose_architectures(space, 10, 6, 300, 12.0, 16.0, seed=3)
   assert archs != rc.choose_architectures(space, 10, 6, 300, 12.0, 16.0, seed=4)
   with pytest.raises(ValueError, match='distinct paths'):  # only 2 paths cost <= 1.8 M
-    rc.choose_architectures(spos.SPACES['spos_tiny'], 10, 3, 50, 0.0, 1.8, seed=0)
+    rc.choose_architectures(spos_stage.one_shot_space('spos_tiny'), 10, 3, 50, 0.0, 1.8, seed=0)
 
 
 def test_darts_option_gives_distinct_valid_genotypes_spread_by_convolutions():

@@ -12,7 +12,7 @@ a resumed run sees exactly the batches an uninterrupted run would have seen.
 import dataclasses
 import math
 import os
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -25,11 +25,17 @@ AUGMENTATIONS = ('cifar', 'imagenet', 'crop', 'none')
 
 @dataclasses.dataclass(frozen=True)
 class DataSource:
-  """A TFDS dataset split, resolved and validated once."""
+  """A TFDS dataset split, resolved and validated once.
+
+  `rows`, if set, keeps only those positions of the split (in its file order):
+  subsets no TFDS split string can express, such as a class-balanced random
+  held-out set (see `subset`).
+  """
   builder: tfds.core.DatasetBuilder
   split: str
-  num_examples: int   # in the whole split, over all hosts
+  num_examples: int   # in the whole split (or of `rows`), over all hosts
   num_classes: int
+  rows: Optional[Tuple[int, ...]] = None
 
   @property
   def has_logits(self) -> bool:
@@ -76,6 +82,24 @@ def get_source(name: str, split: str, data_dir: Optional[str] = None,
   return DataSource(builder, split, num_examples, features['label'].num_classes)
 
 
+def subset(source: DataSource, rows: Sequence[int]) -> DataSource:
+  """The examples at positions `rows` of `source`'s split (sorted, distinct)."""
+  rows = tuple(sorted({int(r) for r in rows}))
+  total = source.builder.info.splits[source.split].num_examples
+  if source.rows is not None or not rows or rows[0] < 0 or rows[-1] >= total:
+    raise ValueError(f'A subset of split {source.split!r} needs rows in [0, {total}) of a '
+                     f'whole split; got {len(rows)} rows.')
+  return dataclasses.replace(source, num_examples=len(rows), rows=rows)
+
+
+def read_column(source: DataSource, feature: str) -> np.ndarray:
+  """One scalar feature of every example of the whole split, in file order."""
+  ds = source.builder.as_dataset(split=source.split, shuffle_files=False,
+                                 decoders={'image': tfds.decode.SkipDecoding()})
+  return np.array([x[feature] for x in ds.map(lambda ex: {feature: ex[feature]})
+                   .as_numpy_iterator()])
+
+
 def host_batch_size(global_batch_size: int) -> int:
   """Examples per host per step; checks divisibility over hosts and devices."""
   devices = jax.device_count()
@@ -94,9 +118,23 @@ def steps_per_epoch(source: DataSource, global_batch_size: int) -> int:
   return steps
 
 
-def _host_split(source: DataSource, drop_remainder: bool) -> str:
-  return tfds.even_splits(source.split, n=jax.process_count(),
-                          drop_remainder=drop_remainder)[jax.process_index()]
+def _host_examples(source: DataSource, drop_remainder: bool,
+                   shuffle_seed: Optional[int] = None) -> tf.data.Dataset:
+  """This host's share of the examples, images still encoded; files shuffled by seed."""
+  decoders = {'image': tfds.decode.SkipDecoding()}
+  if source.rows is None:
+    split = tfds.even_splits(source.split, n=jax.process_count(),
+                             drop_remainder=drop_remainder)[jax.process_index()]
+    return source.builder.as_dataset(
+        split=split, shuffle_files=shuffle_seed is not None,
+        read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed), decoders=decoders)
+  # Positions count in file order, so the files are read in order; hosts take turns.
+  keep = np.zeros(source.builder.info.splits[source.split].num_examples, bool)
+  keep[list(source.rows)] = True
+  keep = tf.constant(keep)
+  ds = source.builder.as_dataset(split=source.split, shuffle_files=False, decoders=decoders)
+  ds = ds.enumerate().filter(lambda i, _: tf.gather(keep, i)).map(lambda _, ex: ex)
+  return ds.shard(jax.process_count(), jax.process_index())
 
 
 def _decode(example):
@@ -171,15 +209,11 @@ def train_batches(source: DataSource, global_batch_size: int, image_size: int,
   """
   batch = host_batch_size(global_batch_size)
   steps = steps_per_epoch(source, global_batch_size)
-  split = _host_split(source, drop_remainder=True)
   epoch, skip = divmod(start_step, steps)
   base_seed = seed * 1_000 + jax.process_index()
   while True:
     epoch_seed = int(np.random.SeedSequence([base_seed, epoch]).generate_state(1)[0] >> 1)
-    ds = source.builder.as_dataset(
-        split=split, shuffle_files=True,
-        read_config=tfds.ReadConfig(shuffle_seed=epoch_seed),
-        decoders={'image': tfds.decode.SkipDecoding()})
+    ds = _host_examples(source, drop_remainder=True, shuffle_seed=epoch_seed)
     ds = ds.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
     ds = ds.take(steps * batch).skip(skip * batch)
     first = (epoch * steps + skip) * batch
@@ -207,9 +241,7 @@ def eval_batches(source: DataSource, global_batch_size: int, image_size: int,
                  augment: str) -> Iterator[Batch]:
   """One pass over the split; the last batches are padded and carry `mask` = 0."""
   batch = host_batch_size(global_batch_size)
-  ds = source.builder.as_dataset(split=_host_split(source, drop_remainder=False),
-                                 shuffle_files=False,
-                                 decoders={'image': tfds.decode.SkipDecoding()})
+  ds = _host_examples(source, drop_remainder=False)
   ds = ds.map(lambda ex: _features(ex, preprocess_eval(_decode(ex), image_size, augment)),
               num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch).prefetch(tf.data.AUTOTUNE)

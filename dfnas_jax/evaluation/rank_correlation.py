@@ -14,8 +14,15 @@ DeepInversion, teacher-labelled Gaussian noise; all the same size):
                images (what the SPOS search uses).
 
 Each ranking is compared with the ground truth: Kendall's tau and Spearman's
-rho with bootstrap 95% intervals over architectures, and the regret of the
-variant's top-1 pick (best real accuracy minus that of the pick).
+rho with bootstrap 95% intervals over architectures, the top-10% precision, and
+the regret of the variant's top-1 pick (best real accuracy minus that of the pick).
+
+On NAS-Bench-201 (space='nb201[-CxN]', benchmark_table=PATH) the ground truth is
+the published 200-epoch CIFAR-10 test accuracy of K cells drawn from the table
+by seed: nothing is trained on real data for it. The one-shot ranking is then
+also made by supernets trained on real images (`REAL_VARIANTS`: as many as the
+synthetic sets hold, or the whole real split) with the teacher's soft labels, and
+the table's own 12-epoch validation accuracy is reported as a cheap real proxy.
 
 WORKDIR/
   architectures.json           the K architectures (fixed by seed)
@@ -27,7 +34,7 @@ WORKDIR/
 """
 import os
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import jax
 import ml_collections
@@ -38,9 +45,10 @@ from scipy import stats
 from dfnas_jax import models, plots
 from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
+from dfnas_jax.data import nasbench201
 from dfnas_jax.evaluation import retrain
 from dfnas_jax.models import darts as darts_lib
-from dfnas_jax.models import spos as spos_lib
+from dfnas_jax.models import nb201
 from dfnas_jax.nas import common, spos
 from dfnas_jax.synthesis import synthesize
 
@@ -54,18 +62,24 @@ VARIANTS = {
                       'multi_resolution': False},
     'gaussian_noise': {'method': 'gaussian_noise'},
 }
+# Real-data controls of the one-shot ranking (NAS-Bench-201): a supernet trained
+# with the teacher's soft labels on as many real images as a synthetic variant
+# has, or on the whole real training split.
+REAL_VARIANTS = ('real_same_count', 'real')
+BENCHMARK_PROXY = 'nb201_12ep'  # the table's 12-epoch validation accuracy
 VERSIONS = ('stand_alone', 'one_shot')
 
 
 def variant_names(config) -> List[str]:
   names = [v.strip() for v in config.variants.split(',') if v.strip()]
-  unknown = [v for v in names if v not in VARIANTS]
+  known = [*VARIANTS, *(REAL_VARIANTS if nb201.is_name(config.space) else ())]
+  unknown = [v for v in names if v not in known]
   if unknown or not names:
-    raise ValueError(f'variants={config.variants!r}: each must be one of {sorted(VARIANTS)}.')
+    raise ValueError(f'variants={config.variants!r}: each must be one of {known}.')
   return names
 
 
-def choose_architectures(space: spos_lib.SearchSpace, num_classes: int, count: int,
+def choose_architectures(space: spos.OneShotSpace, num_classes: int, count: int,
                          pool_size: int, flops_min: float, flops_max: float,
                          seed: int) -> List[spos.Arch]:
   """`count` distinct paths at evenly spaced FLOPs quantiles of a seeded pool.
@@ -113,8 +127,10 @@ def darts_convolutions(genotype) -> int:
 def rank_statistics(scores: Sequence[float], truth: Sequence[float], num_bootstrap: int,
                     seed: int) -> Dict[str, float]:
   """Kendall's tau-b and Spearman's rho of `scores` against `truth`, bootstrap 95%
-  intervals (architectures resampled with replacement), and the top-1 regret: the
-  best real accuracy minus that of the architecture `scores` rank first."""
+  intervals (architectures resampled with replacement), the top-10% precision (the
+  share of the best tenth by `scores` that is in the best tenth by `truth`), and
+  the top-1 regret: the best real accuracy minus that of the architecture `scores`
+  rank first."""
   scores, truth = np.asarray(scores, float), np.asarray(truth, float)
 
   def correlations(idx):
@@ -129,7 +145,11 @@ def rank_statistics(scores: Sequence[float], truth: Sequence[float], num_bootstr
                    for _ in range(num_bootstrap)])
   # A tie for the top is broken at random: its pick's expected real accuracy.
   picks = np.flatnonzero(scores == scores.max())
-  result = {'kendall_tau': float(tau), 'spearman_rho': float(rho), 'top1_index': int(picks[0]),
+  top = max(1, round(0.1 * len(scores)))  # ties at the cut: stable order
+  precision = len(set(np.argsort(-scores, kind='stable')[:top])
+                  & set(np.argsort(-truth, kind='stable')[:top])) / top
+  result = {'kendall_tau': float(tau), 'spearman_rho': float(rho),
+            'top10_precision': float(precision), 'top1_index': int(picks[0]),
             'top1_ties': len(picks), 'top1_real_accuracy': float(truth[picks].mean()),
             'regret': float(truth.max() - truth[picks].mean())}
   for j, name in enumerate(('kendall_tau', 'spearman_rho')):
@@ -145,7 +165,7 @@ class Study:
   def __init__(self, config, workdir: str):
     self.config, self.workdir = config, workdir
     self.variants = variant_names(config)
-    self.space = spos_lib.SPACES.get(config.space)  # None: DARTS
+    self.space = None if config.space == 'darts' else spos.one_shot_space(config.space)
     self._data: Dict[str, str] = {}
     self._times: List[float] = []  # seconds per cell computed in this run, for the ETA
 
@@ -196,39 +216,66 @@ class Study:
     result = retrain.run(rc, os.path.join(self.workdir, 'stand_alone', variant, str(index)))
     return {'accuracy': result['eval_accuracy'], 'train_s': round(result['wall_time_s'], 1)}
 
+  def one_shot_sources(self, variant: str) -> Tuple[ip.DataSource, ip.DataSource]:
+    """(supernet training, held-out) sources of `variant`: class-balanced, random by seed."""
+    c = self.config
+    if variant in REAL_VARIANTS:
+      whole = ip.get_source(c.real_dataset, c.real_train_split, c.real_data_dir, c.download)
+    else:
+      whole = ip.get_source(self.data(variant), 'train')
+    labels = ip.read_column(whole, common.class_feature(whole))
+    rows = np.arange(len(labels))
+    if variant == 'real_same_count':  # as many images, as evenly over classes, as synthesized
+      count = c.synthesis.images_per_round * c.synthesis.num_rounds
+      rows = np.sort(common.class_balanced_rows(labels, c.seed, per_class=max(
+          1, count // whole.num_classes))[1])
+    train_rows, val_rows = common.class_balanced_rows(labels[rows], c.seed,
+                                                      per_class=c.val_per_class)
+    return ip.subset(whole, rows[train_rows]), ip.subset(whole, rows[val_rows])
+
   def one_shot(self, variant: str, archs: List[spos.Arch]) -> Dict[str, List[float]]:
     """Trains a supernet on `variant`; BN-recalibrated held-out accuracy of each arch."""
-    c = self.config
-    dataset = self.data(variant)
-    probe = ip.get_source(dataset, 'train')
-    train_split, val_split = common.class_block_splits(c.val_per_class, probe.num_classes)
-    train_source, val_source = (ip.get_source(dataset, train_split),
-                                ip.get_source(dataset, val_split))
-    model = models.build_model(c.space, probe.num_classes, dropout=c.dropout)
-    sampler = spos.PathSampler(self.space, probe.num_classes, c.flops_min, c.flops_max)
+    c = ml_collections.ConfigDict(self.config.to_dict())
+    train_source, val_source = self.one_shot_sources(variant)
+    if variant in REAL_VARIANTS:  # real images carry no stored soft labels
+      c.soft_labels, c.supernet.augment = 'teacher', c.real_augment
+    model = models.build_model(c.space, train_source.num_classes, dropout=c.dropout)
+    sampler = spos.PathSampler(self.space, train_source.num_classes, c.flops_min, c.flops_max)
     teacher = retrain.distillation_teacher(c.supernet.loss, c)
     start = time.time()
     supernet = spos.train_supernet(c, os.path.join(self.workdir, 'one_shot', variant), model,
                                    train_source, sampler, teacher)
     evaluator = spos.subnet_evaluator(c, model, supernet['state'].variables, train_source,
                                       val_source)
-    return {'accuracy': [evaluator(a) for a in archs], 'val_split': val_split,
+    return {'accuracy': [evaluator(a) for a in archs], 'val_rows': list(val_source.rows),
+            'num_images': train_source.num_examples + val_source.num_examples,
             'train_s': round(time.time() - start, 1)}
 
 
 def check_config(config) -> None:
-  if config.space != 'darts' and config.space not in spos_lib.SPACES:
-    raise ValueError(f"space must be 'darts' or one of {sorted(spos_lib.SPACES)}, "
-                     f'got {config.space!r}.')
-  if config.space == 'darts' and config.one_shot:
-    raise ValueError('The one-shot ranking needs a SPOS supernet: set one_shot=False for '
-                     "space='darts'.")
-  image_size = spos_lib.SPACES[config.space].image_size if config.space != 'darts' else 32
+  if config.space == 'darts':
+    image_size = 32
+    if config.one_shot:
+      raise ValueError('The one-shot ranking needs a SPOS supernet: set one_shot=False for '
+                       "space='darts'.")
+  else:
+    image_size = spos.one_shot_space(config.space).image_size
   for name in ('train', 'supernet'):
     if config[name].image_size != image_size:
       raise ValueError(f'Space {config.space!r} is for {image_size} px inputs but '
                        f'{name}.image_size is {config[name].image_size}.')
-  if not config.eval_dataset:
+  if nb201.is_name(config.space):
+    if not config.benchmark_table:
+      raise ValueError('A NAS-Bench-201 study needs benchmark_table: the path of the '
+                       "benchmark's results table (docs/nasbench201_table.md).")
+    if config.stand_alone or not config.one_shot:
+      raise ValueError('On NAS-Bench-201 the study ranks by one-shot supernets only (the '
+                       'stand-alone version is not built for it yet): set stand_alone=False, '
+                       'one_shot=True.')
+  elif not config.stand_alone:
+    raise ValueError('The ground truth of a SPOS or DARTS study is stand-alone training on '
+                     'real data: set stand_alone=True.')
+  if config.stand_alone and not config.eval_dataset:
     raise ValueError('eval_dataset must name the real held-out data every ranking is scored on.')
   retrain.check_soft_labels(config)
   variant_names(config)
@@ -239,20 +286,28 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   check_config(config)
   study = Study(config, workdir)
   variants = study.variants
-  num_classes = ip.get_source(config.eval_dataset, config.eval_split, config.eval_data_dir,
-                              config.download).num_classes
-
-  if study.space is None:
+  table = nasbench201.load(config.benchmark_table) if nb201.is_name(config.space) else None
+  truth = proxy = None
+  if table is not None:  # the table's networks classify CIFAR-10
+    rows = table.sample(config.num_architectures, config.seed)
+    archs = [table.archs[r] for r in rows]
+    names = [study.space.architecture_name(a) for a in archs]
+    sizes = [study.space.cost(a, 10)[0] / 1e6 for a in archs]
+    truth = [float(table.test_accuracy[r]) / 100 for r in rows]
+    proxy = [float(table.valid_accuracy_12ep[r]) / 100 for r in rows]
+  elif study.space is None:
     names = darts_architectures(config.num_architectures, config.pool_size,
                                 config.darts_channels, config.darts_layers, config.seed)
     archs, sizes = names, [darts_convolutions(darts_lib.parse_name(n)['genotype'])
                            for n in names]
   else:
+    num_classes = ip.get_source(config.eval_dataset, config.eval_split, config.eval_data_dir,
+                                config.download).num_classes
     archs = choose_architectures(study.space, num_classes, config.num_architectures,
                                  config.pool_size, config.flops_min, config.flops_max,
                                  config.seed)
-    names = [spos_lib.architecture_name(config.space, a) for a in archs]
-    sizes = [spos_lib.cost(study.space, a, num_classes)[0] / 1e6 for a in archs]
+    names = [study.space.architecture_name(a) for a in archs]
+    sizes = [study.space.cost(a, num_classes)[0] / 1e6 for a in archs]
   size_unit = 'convolutions' if study.space is None else 'MFLOPs'
   arch_path = os.path.join(workdir, 'architectures.json')
   if os.path.exists(arch_path):  # finished cells belong to these architectures
@@ -267,52 +322,68 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   # Data first, then architecture by architecture: all variants of one architecture
   # share its compiled distillation step (through the persistent compilation cache).
   for v in variants:
-    study.data(v)
-  total = len(archs) * (1 + len(variants)) + (len(variants) if config.one_shot else 0)
+    if v in VARIANTS:
+      study.data(v)
+  total = ((len(archs) * (1 + len(variants)) if config.stand_alone else 0)
+           + (len(variants) if config.one_shot else 0))
   done = 0
-  stand_alone = {v: [None] * len(archs) for v in [REAL] + variants}
-  for i, name in enumerate(names):
-    for v in [REAL] + variants:
-      stand_alone[v][i] = study.cell(('stand_alone', v, str(i)),
-                                     lambda: study.train(v, i, name), total, done)['accuracy']
-      done += 1
+  stand_alone = {}
+  if config.stand_alone:
+    stand_alone = {v: [None] * len(archs) for v in [REAL] + variants}
+    for i, name in enumerate(names):
+      for v in [REAL] + variants:
+        stand_alone[v][i] = study.cell(('stand_alone', v, str(i)),
+                                       lambda: study.train(v, i, name), total, done)['accuracy']
+        done += 1
+    truth = stand_alone.pop(REAL)
   one_shot = {}
   if config.one_shot:
     for v in variants:
-      one_shot[v] = study.cell(('one_shot', v), lambda: study.one_shot(v, archs), total,
-                               done)['accuracy']
+      one_shot[v] = study.cell(('one_shot', v), lambda: study.one_shot(v, archs), total, done)
       done += 1
 
-  truth = stand_alone[REAL]
-  scores = {'stand_alone': {v: stand_alone[v] for v in variants}, 'one_shot': one_shot}
-  table = {version: {v: rank_statistics(s, truth, config.num_bootstrap, config.seed)
-                     for v, s in per_variant.items()}
-           for version, per_variant in scores.items()}
+  scores = {'stand_alone': stand_alone, 'one_shot': {v: c['accuracy'] for v, c in one_shot.items()}}
+  if proxy is not None:
+    scores['reference'] = {BENCHMARK_PROXY: proxy}
+  table_stats = {version: {v: rank_statistics(s, truth, config.num_bootstrap, config.seed)
+                           for v, s in per_variant.items()}
+                 for version, per_variant in scores.items() if per_variant}
+  ground_truth = ('NAS-Bench-201 CIFAR-10 test accuracy, 200 epochs' if table is not None
+                  else f'{config.real_dataset} {config.real_train_split}, stand-alone')
+  num_images = {v: (one_shot[v]['num_images'] if 'num_images' in one_shot.get(v, {})
+                    else ip.get_source(study.data(v), 'train').num_examples) for v in variants}
   results = {
       'stage': 'rank_correlation', 'space': config.space, 'architectures': names,
-      'size': sizes, 'size_unit': size_unit, 'real_accuracy': truth, 'scores': scores, 'statistics': table,
-      'num_images': {v: ip.get_source(study.data(v), 'train').num_examples for v in variants},
-      'eval_data': f'{config.eval_dataset} {config.eval_split}',
+      'size': sizes, 'size_unit': size_unit, 'ground_truth': ground_truth,
+      'real_accuracy': truth, 'scores': scores, 'statistics': table_stats,
+      'num_images': num_images,
+      'eval_data': f'{config.eval_dataset} {config.eval_split}' if config.stand_alone else None,
       'real_train_data': f'{config.real_dataset} {config.real_train_split}',
       'train_steps': config.train.num_train_steps, 'supernet_steps': config.supernet.num_train_steps,
       'wall_time_s': round(time.time() - start, 1),
   }
+  if table is not None:
+    results.update(benchmark_table=table.path, benchmark_strings=[
+        nb201.arch_to_string(a) for a in archs], benchmark_indices=[
+        int(table.indices[r]) for r in rows], benchmark_best_test_accuracy=float(
+        table.test_accuracy[table.best()]) / 100)
   if jax.process_index() == 0:
     wd.write_json(os.path.join(workdir, 'results.json'), results)
     wd.atomic_write_bytes(os.path.join(workdir, 'results.md'), markdown(results).encode())
+    y_labels = {'stand_alone': 'accuracy on real held-out', 'reference': 'table accuracy',
+                'one_shot': 'supernet accuracy (own held-out)'}
     for version, per_variant in scores.items():
       if per_variant:
         panels = {v: (np.asarray(truth), np.asarray(s),
-                      f"tau {table[version][v]['kendall_tau']:.2f}")
+                      f"tau {table_stats[version][v]['kendall_tau']:.2f}")
                   for v, s in per_variant.items()}
-        plots.rank_scatter(panels, 'real-data accuracy (ground truth)',
-                           'accuracy on real held-out' if version == 'stand_alone'
-                           else 'supernet accuracy (own held-out)',
+        plots.rank_scatter(panels, ground_truth, y_labels[version],
                            os.path.join(workdir, f'{version}.png'),
-                           labels=[str(i) for i in range(len(archs))])
+                           labels=[str(i) for i in range(len(archs))] if len(archs) <= 20
+                           else ())
   summary = {k: results[k] for k in ('stage', 'space', 'architectures', 'wall_time_s')}
   summary['kendall_tau'] = {version: {v: s['kendall_tau'] for v, s in per.items()}
-                            for version, per in table.items()}
+                            for version, per in table_stats.items()}
   wd.write_summary(workdir, summary)
   return summary
 
@@ -331,22 +402,23 @@ def _pick(stat: Dict[str, float]) -> str:
 
 def markdown(results: Dict) -> str:
   """The report's tables: rank agreement per variant, then accuracies per architecture."""
-  lines = ['| version | data | Kendall tau [95% CI] | Spearman rho [95% CI] | top-1 pick | '
-           'its real acc. | regret |', '|---|---|---|---|---|---|---|']
+  lines = ['| version | data | Kendall tau [95% CI] | Spearman rho [95% CI] | top-10% precision '
+           '| top-1 pick | its true acc. | regret |', '|---|---|---|---|---|---|---|---|']
   for version, per_variant in results['statistics'].items():
     for v, s in per_variant.items():
       lines.append(f"| {version} | {v} | {_interval(s, 'kendall_tau')} | "
-                   f"{_interval(s, 'spearman_rho')} | {_pick(s)} | "
+                   f"{_interval(s, 'spearman_rho')} | {s['top10_precision']:.2f} | {_pick(s)} | "
                    f"{100 * s['top1_real_accuracy']:.1f}% | {100 * s['regret']:.1f} pt |")
-  variants = list(results['scores']['stand_alone'])
-  one_shot = results['scores']['one_shot']
-  header = (['#', 'architecture', results['size_unit'], 'real'] + [f'{v} (s.a.)' for v in variants]
-            + [f'{v} (o.s.)' for v in one_shot])
-  lines += ['', '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+  abbreviation = {'stand_alone': 's.a.', 'one_shot': 'o.s.', 'reference': 'ref.'}
+  columns = [(f'{v} ({abbreviation[version]})', s)
+             for version, per_variant in results['scores'].items()
+             for v, s in per_variant.items()]
+  header = ['#', 'architecture', results['size_unit'], 'truth'] + [c for c, _ in columns]
+  lines += ['', f"Truth: {results.get('ground_truth', 'real data')}.", '',
+            '| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
   for i, name in enumerate(results['architectures']):
     row = [str(i), f'`{name}`', f"{results['size'][i]:g}",
            f"{100 * results['real_accuracy'][i]:.1f}"]
-    row += [f"{100 * results['scores']['stand_alone'][v][i]:.1f}" for v in variants]
-    row += [f'{100 * s[i]:.1f}' for s in one_shot.values()]
+    row += [f'{100 * s[i]:.1f}' for _, s in columns]
     lines.append('| ' + ' | '.join(row) + ' |')
   return '\n'.join(lines) + '\n'

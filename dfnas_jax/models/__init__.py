@@ -4,7 +4,7 @@ from typing import Any, Callable, Dict
 
 import jax.numpy as jnp
 
-from dfnas_jax.models import darts, proxyless, resnet, spos
+from dfnas_jax.models import darts, nb201, proxyless, resnet, spos
 
 # name -> factory(num_classes, **overrides) -> flax Module taking images in [0, 1].
 _CIFAR = dict(block=resnet.BasicBlock, widths=(16, 32, 64), stem='cifar',
@@ -40,11 +40,17 @@ def build_model(name: str, num_classes: int, dtype: Any = jnp.float32, **overrid
   Besides ARCHITECTURES, SPOS and ProxylessNAS names: a space of `spos.SPACES`
   or `proxyless.SPACES` is its supernet, `'<space>:<one digit per layer>'` one
   stand-alone architecture of it; DARTS genotype networks `'darts:...'`
-  (`darts.architecture_name`).
+  (`darts.architecture_name`); NAS-Bench-201 networks: `'nb201'` or `'nb201-<C>x<N>'`
+  is the supernet, `'nb201[-<C>x<N>]:<cell string>'` one stand-alone cell
+  (`nb201.architecture_name`).
   """
   if name.startswith('darts:'):
     return darts.DARTSNet(num_classes=num_classes, dtype=dtype,
                           **{**darts.parse_name(name), **overrides})
+  if nb201.is_name(name):
+    channels, cells_per_stage, ops = nb201.parse_name(name)
+    return nb201.NB201Net(num_classes, channels=channels, cells_per_stage=cells_per_stage,
+                          ops=ops, dtype=dtype, **overrides)
   if name.split(':')[0] in spos.SPACES:
     space, choices = spos.parse_name(name)
     return spos.SPOSNet(spos.SPACES[space], num_classes, choices, dtype=dtype, **overrides)
@@ -55,6 +61,7 @@ def build_model(name: str, num_classes: int, dtype: Any = jnp.float32, **overrid
   if name not in ARCHITECTURES:
     raise ValueError(f'Unknown architecture {name!r}; known: {sorted(ARCHITECTURES)} and the '
                      f'SPOS spaces {sorted(spos.SPACES)} and ProxylessNAS spaces '
-                     f'{sorted(proxyless.SPACES)} (optionally ":<choices>"), or a DARTS '
-                     "genotype network 'darts:...'.")
+                     f'{sorted(proxyless.SPACES)} (optionally ":<choices>"), a DARTS '
+                     "genotype network 'darts:...', or a NAS-Bench-201 network "
+                     "'nb201[-<C>x<N>][:<cell string>]'.")
   return ARCHITECTURES[name](num_classes=num_classes, dtype=dtype, **overrides)

@@ -1,7 +1,7 @@
 """What every NAS stage shares: the data it searches on and the final retraining."""
 import os
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import flax
 import flax.jax_utils
@@ -102,46 +102,75 @@ def synthetic_data(config, workdir: str) -> Tuple[str, Dict[str, Any]]:
 class SearchData(NamedTuple):
   """The searched dataset, cut into the search's two splits."""
   dataset: str
-  info: Dict[str, Any]  # for summary.json
-  train_split: str
-  val_split: str
+  info: Dict[str, Any]  # for summary.json, including how it was split
   train: ip.DataSource
   val: ip.DataSource
   seconds: float  # spent synthesizing (or finding) the dataset
 
 
-def search_data(config, workdir: str,
-                splits: Callable[[int, int], Tuple[str, str]]) -> SearchData:
-  """`synthetic_data`, split by `splits(num_examples, num_classes)`."""
+def search_data(config, workdir: str, per_class: Optional[int] = None,
+                fraction: Optional[float] = None) -> SearchData:
+  """`synthetic_data`, split into (train, held-out) sources.
+
+  Explicit `config.train_split`/`val_split` (real data) are used as given.
+  Otherwise each class gives `per_class` random images (one-shot searches'
+  validation, the reference's `val_per_class`), or a `fraction` of its images
+  (DARTS's architecture half), to the held-out side; see `class_balanced_rows`.
+  """
+  if bool(config.train_split) != bool(config.val_split):
+    raise ValueError('Set both train_split and val_split, or neither (then the searched '
+                     'dataset is split class by class at random).')
   start = time.time()
   dataset, info = synthetic_data(config, workdir)
   seconds = time.time() - start
-  probe = ip.get_source(dataset, 'train', config.data_dir, config.download)
-  train_split, val_split = splits(probe.num_examples, probe.num_classes)
   source = lambda split: ip.get_source(dataset, split, config.data_dir, config.download)
-  return SearchData(dataset, info, train_split, val_split, source(train_split),
-                    source(val_split), seconds)
+  if config.train_split:
+    info.update(search_train_split=config.train_split, search_val_split=config.val_split)
+    return SearchData(dataset, info, source(config.train_split), source(config.val_split),
+                      seconds)
+  whole = source('train')
+  feature = class_feature(whole)
+  train_rows, val_rows = class_balanced_rows(ip.read_column(whole, feature), config.seed,
+                                             per_class=per_class, fraction=fraction)
+  info.update(search_train_split='train', search_val_split={
+      'class_feature': feature, 'seed': config.seed, 'per_class': per_class,
+      'fraction': fraction, 'rows': list(val_rows)})
+  return SearchData(dataset, info, ip.subset(whole, train_rows), ip.subset(whole, val_rows),
+                    seconds)
 
 
-def held_out_splits(config, num_classes: int) -> Tuple[str, str]:
-  """(train, held-out validation) splits of the searched dataset (one-shot searches).
+def class_feature(source: ip.DataSource) -> str:
+  """The class an image is filed under: its synthesis target if it has one (as the
+  reference files synthetic images), else its label."""
+  return 'target_label' if 'target_label' in source.builder.info.features else 'label'
 
-  Synthetic datasets are written in blocks of `num_classes` images with one of
-  each target class (see `class_block_splits`).
+
+def class_balanced_rows(labels: Sequence[int], seed: int, per_class: Optional[int] = None,
+                        fraction: Optional[float] = None) -> Tuple[List[int], List[int]]:
+  """(kept, held-out) positions: per class, random images drawn by `seed`.
+
+  Each class holds out `per_class` of its images, or `fraction` of them, and
+  always keeps at least half: a class the data has few images of (noise,
+  uncalibrated synthesis) is not emptied. Synthetic datasets are written round
+  by round, so a random draw mixes every round into both sides.
   """
-  if config.train_split or config.val_split:
-    if not (config.train_split and config.val_split):
-      raise ValueError('Set both train_split and val_split, or neither (then the first '
-                       'val_per_class images of each class validate).')
-    return config.train_split, config.val_split
-  return class_block_splits(config.val_per_class, num_classes)
-
-
-def class_block_splits(val_per_class: int, num_classes: int) -> Tuple[str, str]:
-  """(train, held-out) splits of a synthetic dataset: the first `val_per_class`
-  blocks of `num_classes` images (one per class) are held out."""
-  n = val_per_class * num_classes
-  return f'train[{n}:]', f'train[:{n}]'
+  if (per_class is None) == (fraction is None):
+    raise ValueError('Give exactly one of per_class and fraction.')
+  if (per_class is not None and per_class < 1) or (fraction is not None
+                                                   and not 0 < fraction <= 0.5):
+    raise ValueError(f'Hold out per_class >= 1 or fraction in (0, 0.5] images of each class; '
+                     f'got per_class={per_class}, fraction={fraction}.')
+  labels = np.asarray(labels)
+  rng = np.random.default_rng(seed)
+  held = []
+  for c in np.unique(labels):
+    rows = rng.permutation(np.flatnonzero(labels == c))
+    count = per_class if per_class is not None else int(len(rows) * fraction)
+    held += rows[:min(count, len(rows) // 2)].tolist()
+  held_set = set(held)
+  if not held:
+    raise ValueError(f'No class of the {len(labels)} images has two images to split.')
+  return [r for r in range(len(labels)) if r not in held_set], sorted(held)
 
 
 def retrain_architecture(config, architecture: str, data: SearchData, loss: str,
@@ -154,7 +183,8 @@ def retrain_architecture(config, architecture: str, data: SearchData, loss: str,
   rc = ml_collections.ConfigDict(config.retrain.to_dict())
   rc.architecture = architecture
   rc.dataset, rc.data_dir = data.dataset, config.data_dir
-  rc.train_split = f'{data.train_split}+{data.val_split}' if config.train_split else 'train'
+  rc.train_split = (f'{config.train_split}+{config.val_split}' if config.train_split
+                    else 'train')
   rc.teacher, rc.teacher_checkpoint = config.teacher, config.teacher_checkpoint
   rc.soft_labels, rc.loss = config.soft_labels, loss
   rc.eval_dataset, rc.eval_data_dir, rc.eval_split = (config.eval_dataset, config.eval_data_dir,

@@ -28,8 +28,10 @@ from clu import metrics, periodic_actions
 from dfnas_jax import models, plots
 from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
+from dfnas_jax.data import nasbench201
 from dfnas_jax.evaluation import retrain
 from dfnas_jax.models import darts as space
+from dfnas_jax.models import nb201
 from dfnas_jax.nas import bilevel, common
 from dfnas_jax.train import state as state_lib
 from dfnas_jax.train import steps, trainer
@@ -96,25 +98,15 @@ def pmap_search_step(**kwargs):
                   donate_argnums=(0,))
 
 
-def split_strings(config, num_examples: int, num_classes: int) -> Tuple[str, str]:
-  """(weight, architecture) halves of the searched dataset, or the configured splits.
-
-  Synthetic datasets are written in blocks of `num_classes` images with one of
-  each class, so cutting at a multiple of `num_classes` balances both halves.
-  """
-  if config.train_split or config.val_split:
-    if not (config.train_split and config.val_split):
-      raise ValueError('Set both train_split and val_split, or neither (then the searched '
-                       'dataset is split in halves).')
-    return config.train_split, config.val_split
-  half = num_examples // (2 * num_classes) * num_classes
-  if half < config.batch_size:
-    raise ValueError(f'The searched dataset has {num_examples} images; each half needs at '
-                     f'least batch_size={config.batch_size}.')
-  return f'train[:{half}]', f'train[{half}:]'
-
-
 def _check(config):
+  if config.space != 'darts':
+    nb201.parse_name(config.space)  # a NAS-Bench-201 network, or one clear error
+    if nb201.parse_name(config.space)[2] is not None:
+      raise ValueError(f'space={config.space!r} names one cell; the search space is '
+                       f"{config.space.split(':')[0]!r}.")
+  elif config.benchmark_table:
+    raise ValueError("benchmark_table is a NAS-Bench-201 table, but space='darts'; search "
+                     "space='nb201' or 'nb201-<C>x<N>' to look the found cell up.")
   if config.mode not in bilevel.MODES:
     raise ValueError(f'darts mode must be one of {bilevel.MODES}, got {config.mode!r}')
   if config.loss not in ('distillation', 'cross_entropy'):
@@ -123,18 +115,34 @@ def _check(config):
   models.compute_dtype(config.compute_dtype)  # a bad name fails before any work
 
 
-def write_genotype_files(directory: str, epoch: int, alphas) -> space.Genotype:
-  """genotypes/epoch_NNN.json and the heat map of the softmaxed weights (latest epoch)."""
-  genotype = space.derive_genotype(alphas)
+def derive(config, alphas) -> Tuple[Any, Dict[str, Any]]:
+  """The searched space's result for `alphas` and its JSON form: a DARTS genotype, or
+  a NAS-Bench-201 cell (the argmax op per edge)."""
+  if config.space == 'darts':
+    genotype = space.derive_genotype(alphas)
+    return genotype, genotype.to_json()
+  ops = nb201.derive_architecture(alphas)
+  return ops, {'cell': nb201.arch_to_string(ops), 'ops': list(ops)}
+
+
+def write_genotype_files(config, directory: str, epoch: int, alphas) -> Dict[str, Any]:
+  """genotypes/epoch_NNN.json and the heat map of the softmaxed weights (latest epoch);
+  returns the derived result's JSON."""
+  result, as_json = derive(config, alphas)
   if jax.process_index() == 0:
-    wd.write_json(os.path.join(directory, 'genotypes', f'epoch_{epoch:03d}.json'),
-                  space.genotype_json(genotype, alphas))
-    weights = {t: np.asarray(jax.nn.softmax(jnp.asarray(alphas[t]), -1))
-               for t in space.CELL_TYPES}
-    plots.architecture_heatmap(weights, space.edge_labels(), space.PRIMITIVES,
-                               os.path.join(directory, 'alphas.png'),
+    weights = {t: np.asarray(jax.nn.softmax(jnp.asarray(a), -1)) for t, a in alphas.items()}
+    if config.space == 'darts':
+      labels, ops, saved = space.edge_labels(), space.PRIMITIVES, space.genotype_json(result,
+                                                                                       alphas)
+    else:
+      labels = [f'n{node} <- {i}' for node, i in nb201.EDGES]
+      ops = nb201.OPS
+      saved = {**as_json, 'primitives': list(ops),
+               'weights': {t: w.round(4).tolist() for t, w in weights.items()}}
+    wd.write_json(os.path.join(directory, 'genotypes', f'epoch_{epoch:03d}.json'), saved)
+    plots.architecture_heatmap(weights, labels, ops, os.path.join(directory, 'alphas.png'),
                                title=f'softmax(alpha) after epoch {epoch}')
-  return genotype
+  return as_json
 
 
 def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.DataSource,
@@ -145,10 +153,16 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
   num_steps = config.num_epochs * steps_per_epoch
   tx, lr_fn = weight_optimizer(config, num_steps)
   arch_tx = arch_optimizer(config)
-  model = space.DARTSSearchNet(train_source.num_classes, config.init_channels, config.layers,
-                               dtype=models.compute_dtype(config.compute_dtype))
+  dtype = models.compute_dtype(config.compute_dtype)
   weight_rng, alpha_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-  alphas = space.initial_alphas(alpha_rng)
+  if config.space == 'darts':
+    model = space.DARTSSearchNet(train_source.num_classes, config.init_channels, config.layers,
+                                 dtype=dtype)
+    alphas = space.initial_alphas(alpha_rng)
+  else:
+    channels, cells, _ = nb201.parse_name(config.space)
+    model = nb201.NB201SearchNet(train_source.num_classes, channels, cells, dtype=dtype)
+    alphas = nb201.initial_alphas(alpha_rng)
   state = common.SearchState(
       weights=state_lib.create_train_state(model, weight_rng, config.image_size, tx),
       alphas=alphas, arch_opt_state=arch_tx.init(alphas))
@@ -187,9 +201,8 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
       if epoch_end:
         epoch = -(-step // steps_per_epoch)
         alphas = jax.device_get(flax.jax_utils.unreplicate(rstate.alphas))
-        genotype = write_genotype_files(workdir, epoch, alphas)
-        history.append({'epoch': epoch, 'step': step, **scalars,
-                        'genotype': genotype.to_json()})
+        genotype = write_genotype_files(config, workdir, epoch, alphas)
+        history.append({'epoch': epoch, 'step': step, **scalars, 'genotype': genotype})
         logging.info('Epoch %d: %s, genotype %s', epoch, scalars, genotype)
     if step % config.checkpoint_every_steps == 0 or epoch_end:
       with report.timed('checkpoint'):
@@ -203,8 +216,14 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
 
 def run(config: ml_collections.ConfigDict, workdir: str):
   _check(config)
+  table = nasbench201.load(config.benchmark_table) if config.benchmark_table else None
   start = time.time()
-  data = common.search_data(config, workdir, functools.partial(split_strings, config))
+  # The reference halves the training data into weight and architecture sets.
+  data = common.search_data(config, workdir, fraction=0.5)
+  for name, source in (('weight', data.train), ('architecture', data.val)):
+    if source.num_examples < config.batch_size:
+      raise ValueError(f'The {name} set has {source.num_examples} images, fewer than '
+                       f'batch_size={config.batch_size}.')
   phase_times = {'data_s': data.seconds}
   train_source, val_source = data.train, data.val
   teacher = retrain.distillation_teacher(config.loss, config)
@@ -213,19 +232,22 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   t = time.time()
   result = search(config, os.path.join(workdir, 'search'), train_source, val_source, teacher)
   phase_times['search_s'] = time.time() - t
-  genotype = space.derive_genotype(result['alphas'])
-  r = config.retrain_network
-  name = space.architecture_name(genotype, r.init_channels, r.layers, r.auxiliary, r.drop_path)
-  if jax.process_index() == 0:
-    for cell in space.CELL_TYPES:
-      plots.cell_diagram(getattr(genotype, cell), os.path.join(workdir, f'{cell}_cell.png'),
-                         title=f'{cell} cell')
-  network = space.DARTSNet(genotype, train_source.num_classes, r.init_channels, r.layers,
-                           r.auxiliary)
+  found, found_json = derive(config, result['alphas'])
+  if config.space == 'darts':
+    r = config.retrain_network
+    name = space.architecture_name(found, r.init_channels, r.layers, r.auxiliary, r.drop_path)
+    if jax.process_index() == 0:
+      for cell in space.CELL_TYPES:
+        plots.cell_diagram(getattr(found, cell), os.path.join(workdir, f'{cell}_cell.png'),
+                           title=f'{cell} cell')
+  else:  # the found cell, retrained in the searched network's size
+    channels, cells, _ = nb201.parse_name(config.space)
+    name = nb201.architecture_name(found, channels, cells)
+  network = models.build_model(name, train_source.num_classes)
   variables = jax.eval_shape(lambda: state_lib.init_variables(
       network, jax.random.PRNGKey(0), config.retrain.image_size))
   num_params = int(sum(x.size for x in jax.tree_util.tree_leaves(variables['params'])))
-  logging.info('Genotype %s: %d parameters as %s', genotype, num_params, name)
+  logging.info('Found %s: %d parameters as %s', found_json, num_params, name)
 
   t = time.time()
   final = common.retrain_architecture(config, name, data, config.loss,
@@ -234,13 +256,13 @@ def run(config: ml_collections.ConfigDict, workdir: str):
 
   last = result['history'][-1] if result['history'] else {}
   summary = {
-      'stage': 'darts', 'mode': config.mode, 'genotype': genotype.to_json(),
+      'stage': 'darts', 'space': config.space, 'mode': config.mode, 'genotype': found_json,
       'architecture': name, 'params': num_params,
+      **(table.summary_entry(found) if table is not None else {}),
       'search_final': {k: last.get(k) for k in ('train_loss', 'train_accuracy', 'val_loss')},
       'search_history': [{k: v for k, v in h.items() if k != 'genotype'}
                          for h in result['history']],
-      'search_steps': result['num_steps'], 'search_train_split': data.train_split,
-      'search_val_split': data.val_split, 'loss': config.loss, **data.info,
+      'search_steps': result['num_steps'], 'loss': config.loss, **data.info,
       **common.final_results(config, final),
       'wall_time_s': {k: round(v, 1) for k, v in phase_times.items()},
   }

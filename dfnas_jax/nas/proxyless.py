@@ -371,8 +371,7 @@ def derive(alphas, allowed) -> Tuple[int, ...]:
 def run(config: ml_collections.ConfigDict, workdir: str):
   _check(config)
   start = time.time()
-  data = common.search_data(config, workdir, lambda _, classes: common.held_out_splits(
-      config, classes))
+  data = common.search_data(config, workdir, per_class=config.val_per_class)
   phase_times = {'data_s': data.seconds}
   train_source, val_source = data.train, data.val
   num_classes = train_source.num_classes
@@ -432,7 +431,6 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                                                 'argmax_val_accuracy', 'entropy')},
       'search_history': result['history'], 'search_steps': result['num_steps'],
       'warmup_steps': result['warmup_steps'], 'arch_steps': result['arch_steps'],
-      'search_train_split': data.train_split, 'search_val_split': data.val_split,
       'loss': config.loss, **data.info,
       **common.final_results(config, final),
       'wall_time_s': {k: round(v, 1) for k, v in phase_times.items()},

@@ -11,6 +11,7 @@ the retrain checkpoints. A rerun after a kill continues where it stopped.
 """
 import os
 import time
+from typing import Callable, NamedTuple, Tuple
 
 import jax
 import ml_collections
@@ -20,7 +21,9 @@ from absl import logging
 from dfnas_jax import models
 from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
+from dfnas_jax.data import nasbench201
 from dfnas_jax.evaluation import retrain
+from dfnas_jax.models import nb201
 from dfnas_jax.models import spos as spos_lib
 from dfnas_jax.nas import common, evolution
 from dfnas_jax.train import trainer
@@ -28,16 +31,46 @@ from dfnas_jax.train import trainer
 Arch = evolution.Arch
 
 
+class OneShotSpace(NamedTuple):
+  """What the SPOS search needs of a search space: an architecture is one choice
+  in [0, num_choices) per layer (NAS-Bench-201: per edge of its cell)."""
+  name: str  # the supernet's name for `models.build_model`
+  num_layers: int
+  num_choices: int
+  choice_names: Tuple[str, ...]
+  image_size: int
+  cost: Callable[[Arch, int], Tuple[int, int]]  # (multiply-adds, parameters) for num_classes
+  architecture_name: Callable[[Arch], str]
+
+
+def one_shot_space(name: str) -> OneShotSpace:
+  """A SPOS space (`models.spos.SPACES`) or a NAS-Bench-201 network ('nb201[-CxN]')."""
+  if nb201.is_name(name):
+    channels, cells, ops = nb201.parse_name(name)
+    if ops is not None:
+      raise ValueError(f'space={name!r} names one cell; the search space is {name.split(":")[0]!r}.')
+    return OneShotSpace(name, nb201.NUM_EDGES, len(nb201.OPS), nb201.OPS, 32,
+                        lambda a, classes: nb201.cost(a, classes, channels, cells),
+                        lambda a: nb201.architecture_name(a, channels, cells))
+  if name not in spos_lib.SPACES:
+    raise ValueError(f'space={name!r}: expected one of {sorted(spos_lib.SPACES)} or a '
+                     "NAS-Bench-201 network 'nb201' / 'nb201-<C>x<N>'.")
+  space = spos_lib.SPACES[name]
+  return OneShotSpace(name, space.num_layers, spos_lib.NUM_CHOICES, spos_lib.CHOICES,
+                      space.image_size, lambda a, classes: spos_lib.cost(space, a, classes),
+                      lambda a: spos_lib.architecture_name(name, a))
+
+
 class PathSampler:
   """Uniform paths, redrawn until their FLOPs fall in [flops_min, flops_max] (MFLOPs)."""
 
-  def __init__(self, space: spos_lib.SearchSpace, num_classes: int, flops_min: float,
+  def __init__(self, space: OneShotSpace, num_classes: int, flops_min: float,
                flops_max: float, max_tries: int = 10000):
     self.space, self.num_classes = space, num_classes
     self.flops_min, self.flops_max, self.max_tries = flops_min, flops_max, max_tries
 
   def mflops(self, arch: Arch) -> float:
-    return spos_lib.cost(self.space, arch, self.num_classes)[0] / 1e6
+    return self.space.cost(arch, self.num_classes)[0] / 1e6
 
   def valid(self, arch: Arch) -> bool:
     f = self.mflops(arch)
@@ -45,10 +78,11 @@ class PathSampler:
 
   def __call__(self, rng: np.random.Generator) -> Arch:
     for _ in range(self.max_tries):
-      arch = tuple(int(c) for c in rng.integers(spos_lib.NUM_CHOICES, size=self.space.num_layers))
+      arch = tuple(int(c) for c in rng.integers(self.space.num_choices,
+                                                size=self.space.num_layers))
       if self.valid(arch):
         return arch
-    uniform = [self.mflops((c,) * self.space.num_layers) for c in range(spos_lib.NUM_CHOICES)]
+    uniform = [self.mflops((c,) * self.space.num_layers) for c in range(self.space.num_choices)]
     raise ValueError(f'No path in {self.max_tries} uniform draws has FLOPs in '
                      f'[{self.flops_min}, {self.flops_max}] M; widen the band (paths using one '
                      f'choice everywhere cost {", ".join(f"{u:.2f}" for u in uniform)} M).')
@@ -87,15 +121,18 @@ def subnet_evaluator(config, model, variables, train_source: ip.DataSource,
 def run(config: ml_collections.ConfigDict, workdir: str):
   start = time.time()
   dtype = models.compute_dtype(config.compute_dtype)  # a bad name fails before synthesis
-  data = common.search_data(config, workdir, lambda _, classes: common.held_out_splits(
-      config, classes))
-  phase_times = {'data_s': data.seconds}
-  train_source, val_source = data.train, data.val
-  num_classes = train_source.num_classes
-  space = spos_lib.SPACES[config.space]
+  table = nasbench201.load(config.benchmark_table) if config.benchmark_table else None
+  space = one_shot_space(config.space)
   if space.image_size != config.supernet.image_size:
     raise ValueError(f'Space {config.space!r} is for {space.image_size} px inputs but '
                      f'supernet.image_size is {config.supernet.image_size}.')
+  if table is not None and space.choice_names != nb201.OPS:
+    raise ValueError(f'benchmark_table is a NAS-Bench-201 table, but space={config.space!r} '
+                     "is not a NAS-Bench-201 space ('nb201' or 'nb201-<C>x<N>').")
+  data = common.search_data(config, workdir, per_class=config.val_per_class)
+  phase_times = {'data_s': data.seconds}
+  train_source, val_source = data.train, data.val
+  num_classes = train_source.num_classes
   sampler = PathSampler(space, num_classes, config.flops_min, config.flops_max)
 
   teacher = retrain.distillation_teacher(config.supernet.loss, config)
@@ -117,12 +154,12 @@ def run(config: ml_collections.ConfigDict, workdir: str):
 
   search = evolution.EvolutionarySearch(
       evolution.EvolutionSettings(**config.search.to_dict()), space.num_layers,
-      spos_lib.NUM_CHOICES, valid=searchable, score=evaluator, sample=sampler,
+      space.num_choices, valid=searchable, score=evaluator, sample=sampler,
       seed=config.seed, state_path=os.path.join(workdir, 'search', 'state.json'))
   best, best_accuracy = search.run()
   phase_times['search_s'] = time.time() - t
-  best_name = spos_lib.architecture_name(config.space, best)
-  flops, params = spos_lib.cost(space, best, num_classes)
+  best_name = space.architecture_name(best)
+  flops, params = space.cost(best, num_classes)
   logging.info('Best architecture %s: %.2f MFLOPs, %d params, search accuracy %.4f',
                best_name, flops / 1e6, params, best_accuracy)
 
@@ -134,11 +171,11 @@ def run(config: ml_collections.ConfigDict, workdir: str):
 
   summary = {
       'stage': 'spos', 'space': config.space, 'best_architecture': best_name,
-      'best_choices': list(best), 'best_choice_names': [spos_lib.CHOICES[c] for c in best],
+      'best_choices': list(best), 'best_choice_names': [space.choice_names[c] for c in best],
       'flops_m': flops / 1e6, 'params': params,
-      'search_val_accuracy': best_accuracy, 'search_val_split': data.val_split,
-      'supernet_train_split': data.train_split, **data.info,
+      'search_val_accuracy': best_accuracy, **data.info,
       **common.final_results(config, final),
+      **(table.summary_entry(best) if table is not None else {}),
       'search_history': search.history,
       'wall_time_s': {k: round(v, 1) for k, v in phase_times.items()},
   }

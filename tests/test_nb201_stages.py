@@ -1,0 +1,112 @@
+"""NAS-Bench-201 through the stages: the smoke presets of spos, darts and rank_correlation,
+scored against a results table (generated here: every cell, made-up accuracies)."""
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from configs import darts as darts_config
+from configs import rank_correlation as rc_config
+from configs import spos as spos_config
+from dfnas_jax.data import nasbench201
+from dfnas_jax.evaluation import rank_correlation as rc
+from dfnas_jax.models import nb201
+from dfnas_jax.nas import darts as darts_stage
+from dfnas_jax.nas import spos as spos_stage
+
+
+def _accuracy(ops):
+  """Made-up accuracies: more 3x3 convolutions is better, `none` everywhere is chance."""
+  return 10.0 + 10 * sum(nb201.OPS[o] == 'nor_conv_3x3' for o in ops) + 0.1 * sum(ops)
+
+
+@pytest.fixture(scope='module')
+def table_path(tmp_path_factory):
+  cells = list(itertools.product(range(len(nb201.OPS)), repeat=nb201.NUM_EDGES))
+  entries = [{'index': i, 'arch': nb201.arch_to_string(ops), 'cifar10_test_acc_200ep':
+              _accuracy(ops), 'cifar10_valid_acc_12ep': _accuracy(ops) / 2}
+             for i, ops in enumerate(cells)]
+  path = tmp_path_factory.mktemp('nb201') / 'table.json'
+  path.write_text(json.dumps({'description': 'test', 'architectures': entries}))
+  return str(path)
+
+
+def _real_eval(config, data_dir):
+  config.update(eval_dataset='cifar10_jpeg', eval_data_dir=data_dir,
+                eval_split='train[45000:45064]', download=False)
+  return config
+
+
+def test_spos_on_nb201_reports_the_found_cells_benchmark_accuracy(data_dir, table_path,
+                                                                  tmp_path, quick_compiles):
+  config = _real_eval(spos_config.get_config('nb201_smoke'), data_dir)
+  config.benchmark_table = table_path
+  summary = spos_stage.run(config, str(tmp_path))
+  ops = tuple(summary['best_choices'])
+  assert summary['best_architecture'] == nb201.architecture_name(ops, 4, 1)
+  assert summary['best_choice_names'] == [nb201.OPS[o] for o in ops]
+  table = nasbench201.load(table_path)
+  assert summary['benchmark_string'] == nb201.arch_to_string(ops)
+  assert summary['benchmark_test_accuracy'] == pytest.approx(_accuracy(ops))
+  assert summary['benchmark_rank'] == table.rank(ops)
+  assert summary['benchmark_best_test_accuracy'] == pytest.approx(70.0 + 0.1 * 18)
+  assert 0 <= summary['final_accuracy'] <= 1
+
+
+def test_spos_rejects_a_table_for_another_space(table_path, tmp_path):
+  config = spos_config.get_config('smoke')
+  config.benchmark_table = table_path
+  with pytest.raises(ValueError, match='not a NAS-Bench-201 space'):
+    spos_stage.run(config, str(tmp_path))
+  assert not (tmp_path / 'synthesize').exists()
+
+
+def test_darts_on_nb201_derives_the_argmax_cell(data_dir, table_path, tmp_path, quick_compiles):
+  config = _real_eval(darts_config.get_config('nb201_smoke'), data_dir)
+  config.benchmark_table = table_path
+  summary = darts_stage.run(config, str(tmp_path))
+  saved = json.loads((tmp_path / 'search' / 'genotypes' / 'epoch_002.json').read_text())
+  ops = tuple(saved['ops'])
+  assert summary['genotype'] == {'cell': nb201.arch_to_string(ops), 'ops': list(ops)}
+  weights = np.asarray(saved['weights']['cell'])  # rounded to 4 places: near-ties stay ties
+  assert np.all(weights[np.arange(6), ops] >= weights.max(axis=1) - 1e-4)
+  assert np.allclose(weights.sum(axis=1), 1.0, atol=1e-3)
+  assert summary['architecture'] == nb201.architecture_name(ops, 4, 1)
+  assert summary['benchmark_test_accuracy'] == pytest.approx(_accuracy(ops))
+  assert (tmp_path / 'search' / 'alphas.png').stat().st_size > 0
+  assert 0 <= summary['final_accuracy'] <= 1
+
+
+def test_nb201_study_scores_table_cells_with_real_data_controls(data_dir, table_path, tmp_path,
+                                                                 quick_compiles):
+  config = rc_config.get_config('nb201_smoke')
+  config.update(benchmark_table=table_path, real_dataset='cifar10_jpeg', real_data_dir=data_dir,
+                download=False)
+  rc.run(config, str(tmp_path))
+  results = json.loads((tmp_path / 'results.json').read_text())
+  table = nasbench201.load(table_path)
+  rows = table.sample(5, config.seed)
+  assert results['benchmark_strings'] == [nb201.arch_to_string(table.archs[r]) for r in rows]
+  assert results['real_accuracy'] == pytest.approx([table.test_accuracy[r] / 100 for r in rows])
+  assert set(results['scores']['one_shot']) == {'full', 'real_same_count'}
+  assert results['scores']['reference']['nb201_12ep'] == pytest.approx(
+      [table.valid_accuracy_12ep[r] / 100 for r in rows])
+  # The 12-epoch proxy here is half the truth: a perfect ranking.
+  assert results['statistics']['reference']['nb201_12ep']['kendall_tau'] == pytest.approx(1.0)
+  assert results['num_images'] == {'full': 32, 'real_same_count': 30}
+  assert not results['scores']['stand_alone']
+  assert '| one_shot | real_same_count |' in (tmp_path / 'results.md').read_text()
+
+
+def test_nb201_study_needs_a_table_and_rejects_stand_alone():
+  config = rc_config.get_config('nb201_smoke')
+  with pytest.raises(ValueError, match='needs benchmark_table'):
+    rc.check_config(config)
+  config.benchmark_table, config.stand_alone = 'table.json', True
+  with pytest.raises(ValueError, match='one-shot supernets only'):
+    rc.check_config(config)
+  config = rc_config.get_config('smoke')
+  config.variants = 'full,real_same_count'  # only NAS-Bench-201 has real-data supernets
+  with pytest.raises(ValueError, match='real_same_count'):
+    rc.check_config(config)
