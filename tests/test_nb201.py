@@ -10,7 +10,7 @@ import pytest
 from dfnas_jax import models
 from dfnas_jax.models import layers, nb201
 from dfnas_jax.train import state as state_lib
-from dfnas_jax.train import steps
+from tests.supernet_steps import counting_path_step, leaf
 
 SKIP, NONE, CONV1, CONV3, POOL = (nb201.OPS.index(op) for op in (
     'skip_connect', 'none', 'nor_conv_1x1', 'nor_conv_3x3', 'avg_pool_3x3'))
@@ -199,33 +199,10 @@ def _apply(model, variables, images, *args, train=False):
   return model.apply(variables, images, *args)
 
 
-def _leaf(tree, *path):
-  for key in path:
-    tree = tree[key]
-  return np.asarray(tree)
-
-
 def test_supernet_compiles_once_keeps_unused_choices_and_equals_the_standalone_network(
     quick_compiles):
   model = models.build_model('nb201-4x1', 10)
-  traces = []
-
-  def apply_fn(*args, **kwargs):
-    traces.append(1)  # runs once per trace, not per step
-    return model.apply(*args, **kwargs)
-
-  lr = state_lib.learning_rate_schedule(0.1, 10, 0, 'linear')
-  tx = state_lib.sgd(lr, momentum=0.9, weight_decay=0.1, nesterov=False)
-  state = state_lib.create_train_state(model, jax.random.PRNGKey(0), 8, tx)
-  state = steps.replicate(state.replace(apply_fn=apply_fn))
-  p_step = steps.pmap_train_step(learning_rate_fn=lr)
-  rng = np.random.default_rng(0)
-  batch = {'image': rng.random((1, 4, 8, 8, 3), np.float32),
-           'label': rng.integers(0, 10, (1, 4)).astype(np.int32)}
-
-  def step(state, arch):
-    return p_step(state, dict(batch, arch=np.asarray([arch], np.int32)))[0]
-
+  step, state, traces, batch = counting_path_step('nb201-4x1', 8)
   initial = jax.device_get(state)
   state = step(state, (CONV3,) * 6)
   after_a = jax.device_get(state)
@@ -235,15 +212,15 @@ def test_supernet_compiles_once_keeps_unused_choices_and_equals_the_standalone_n
   assert len(traces) == 1
 
   kernel = ('cell1', 'layer4', 'choices_{}', 'conv', 'kernel')
-  param = lambda s, c: _leaf(s.params, *(k.format(c) for k in kernel))[0]
-  trace = lambda s, c: _leaf(s.opt_state[1][0].trace, *(k.format(c) for k in kernel))[0]
+  param = lambda s, c: leaf(s.params, *(k.format(c) for k in kernel))[0]
+  trace = lambda s, c: leaf(s.opt_state[1][0].trace, *(k.format(c) for k in kernel))[0]
   assert not np.array_equal(param(initial, CONV3), param(after_a, CONV3))
   np.testing.assert_array_equal(param(initial, CONV1), param(after_a, CONV1))
   np.testing.assert_array_equal(param(after_a, CONV3), param(after_b, CONV3))
   np.testing.assert_array_equal(trace(after_a, CONV3), trace(after_b, CONV3))
   assert not np.array_equal(param(after_a, CONV1), param(after_b, CONV1))
-  assert not np.array_equal(_leaf(after_a.params, 'reduce2', 'shortcut', 'kernel'),
-                            _leaf(after_b.params, 'reduce2', 'shortcut', 'kernel'))
+  assert not np.array_equal(leaf(after_a.params, 'reduce2', 'shortcut', 'kernel'),
+                            leaf(after_b.params, 'reduce2', 'shortcut', 'kernel'))
 
   # The trained supernet's path is the stand-alone network with the same weights: with batch
   # statistics (train) and with the running statistics the steps accumulated (eval).

@@ -17,7 +17,7 @@ from dfnas_jax.nas import common as nas_common
 from dfnas_jax.nas import evolution
 from dfnas_jax.nas import spos as spos_stage
 from dfnas_jax.train import state as state_lib
-from dfnas_jax.train import steps
+from tests.supernet_steps import counting_path_step, leaf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = spos.SPACES['spos_tiny']
@@ -86,32 +86,8 @@ def test_path_sampler_keeps_to_the_flops_band():
                            max_tries=50)(rng)
 
 
-def _leaf(tree, *path):
-  for key in path:
-    tree = tree[key]
-  return np.asarray(tree)
-
-
 def test_supernet_step_compiles_once_and_leaves_unused_choices_untouched(quick_compiles):
-  model = models.build_model('spos_tiny', 10)
-  traces = []
-
-  def apply_fn(*args, **kwargs):
-    traces.append(1)  # runs once per trace, not per step
-    return model.apply(*args, **kwargs)
-
-  lr = state_lib.learning_rate_schedule(0.1, 10, 0, 'linear')
-  tx = state_lib.sgd(lr, momentum=0.9, weight_decay=0.1, nesterov=False)
-  state = state_lib.create_train_state(model, jax.random.PRNGKey(0), 32, tx)
-  state = steps.replicate(state.replace(apply_fn=apply_fn))
-  p_step = steps.pmap_train_step(learning_rate_fn=lr)
-  rng = np.random.default_rng(0)
-  batch = {'image': rng.random((1, 4, 32, 32, 3), np.float32),
-           'label': rng.integers(0, 10, (1, 4)).astype(np.int32)}
-
-  def step(state, arch):
-    return p_step(state, dict(batch, arch=np.asarray([arch], np.int32)))[0]
-
+  step, state, traces, _ = counting_path_step('spos_tiny', 32)
   initial = jax.device_get(state)
   state = step(state, (0, 0, 0, 0))
   after_a = jax.device_get(state)
@@ -121,8 +97,8 @@ def test_supernet_step_compiles_once_and_leaves_unused_choices_untouched(quick_c
   assert len(traces) == 1
 
   kernel = ('layer1', 'choices_{}', 'conv0', 'kernel')
-  param = lambda s, c: _leaf(s.params, *(k.format(c) for k in kernel))[0]
-  trace = lambda s, c: _leaf(s.opt_state[1][0].trace, *(k.format(c) for k in kernel))[0]
+  param = lambda s, c: leaf(s.params, *(k.format(c) for k in kernel))[0]
+  trace = lambda s, c: leaf(s.opt_state[1][0].trace, *(k.format(c) for k in kernel))[0]
   assert not np.array_equal(param(initial, 0), param(after_a, 0))
   np.testing.assert_array_equal(param(after_a, 0), param(after_b, 0))
   np.testing.assert_array_equal(trace(after_a, 0), trace(after_b, 0))
@@ -130,8 +106,8 @@ def test_supernet_step_compiles_once_and_leaves_unused_choices_untouched(quick_c
   for c in (2, 3):
     np.testing.assert_array_equal(param(initial, c), param(after_b, c))
   # Shared layers are trained by every path.
-  assert not np.array_equal(_leaf(after_a.params, 'fc', 'kernel'),
-                            _leaf(after_b.params, 'fc', 'kernel'))
+  assert not np.array_equal(leaf(after_a.params, 'fc', 'kernel'),
+                            leaf(after_b.params, 'fc', 'kernel'))
 
 
 def test_candidate_scores_recalibrate_bn_and_do_not_recompile():
@@ -157,7 +133,7 @@ def test_candidate_scores_recalibrate_bn_and_do_not_recompile():
   x = (images[0] - np.asarray(TINY.mean)) / np.asarray(TINY.std)
   stem = jax.lax.conv_general_dilated(x, variables['params']['stem_conv']['kernel'], (1, 1),
                                       ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-  np.testing.assert_allclose(_leaf(stats, 'stem_bn', 'mean')[0], np.mean(stem, (0, 1, 2)),
+  np.testing.assert_allclose(leaf(stats, 'stem_bn', 'mean')[0], np.mean(stem, (0, 1, 2)),
                              rtol=1e-4, atol=1e-5)
 
 
