@@ -93,7 +93,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   elif preset in ('nb201', 'nb201_smoke'):
     c.space = 'nb201-8x1'
     c.image_size, c.augment, c.soft_labels = 32, 'crop', 'teacher'  # soft labels of each crop
-    c.batch_size, c.num_epochs = 32, 10
+    c.batch_size, c.num_epochs = 32, 20
     c.log_every_steps = c.checkpoint_every_steps = 6
     c.retrain.batch_size, c.retrain.num_train_steps = 64, 300
     c.retrain.weight_decay = 5e-4

@@ -276,13 +276,14 @@ def test_proxylessnas_smoke_end_to_end_resumes_after_kill(data_dir, tmp_path):
 
   out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert 'Resuming the search from step 6 of 10' in out.stderr
+  # 32 images: 24 weight / 8 architecture images (class-balanced), 6 weight steps an epoch.
+  assert 'Resuming the search from step 6 of 12' in out.stderr
   assert 'Measured' not in out.stderr  # the latency table came from the cache
   summary = json.loads((workdir / 'summary.json').read_text())
   assert [h['epoch'] for h in summary['search_history']] == [1, 2]  # no epoch twice
   assert [h['phase'] for h in summary['search_history']] == ['warmup', 'search']
-  assert summary['search_steps'] == 10 and summary['warmup_steps'] == 5
-  assert summary['arch_steps'] == 2 and summary['binary_mode'] == 'two'
+  assert summary['search_steps'] == 12 and summary['warmup_steps'] == 6
+  assert summary['arch_steps'] == 3 and summary['binary_mode'] == 'two'
   assert summary['search_val_split']['per_class'] == 1
   found = json.loads((workdir / 'architecture.json').read_text())
   assert found['architecture'] == summary['architecture']

@@ -211,9 +211,13 @@ def train_batches(source: DataSource, global_batch_size: int, image_size: int,
   steps = steps_per_epoch(source, global_batch_size)
   epoch, skip = divmod(start_step, steps)
   base_seed = seed * 1_000 + jax.process_index()
+  # A subset is filtered out of a pass over its whole split: make that pass once and keep
+  # the (still encoded) examples in memory for the following epochs.
+  subset = _host_examples(source, drop_remainder=True).cache() if source.rows else None
   while True:
     epoch_seed = int(np.random.SeedSequence([base_seed, epoch]).generate_state(1)[0] >> 1)
-    ds = _host_examples(source, drop_remainder=True, shuffle_seed=epoch_seed)
+    ds = (subset if subset is not None
+          else _host_examples(source, drop_remainder=True, shuffle_seed=epoch_seed))
     ds = ds.shuffle(shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
     ds = ds.take(steps * batch).skip(skip * batch)
     first = (epoch * steps + skip) * batch

@@ -107,9 +107,7 @@ def conv_same(x, kernel):
 
   Its gradients are written as convolutions in the canonical NHWC/HWIO form: inside a
   `lax.switch` branch (the supernet's edges) XLA:CPU keeps the ones autodiff derives
-  in other layouts and runs them about 60x slower (input and weight gradient of a
-  3x3 convolution at 64x32x32x16: 1.9 s vs 32 ms; one supernet step at C=16, N=1,
-  batch 64: 34 s vs 1 s for the stand-alone network).
+  in other layouts and runs them tens of times slower (docs/benchmarks.md).
   """
   pad = (kernel.shape[0] - 1) // 2
   return _conv(x, kernel, pad, pad)
