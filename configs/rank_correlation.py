@@ -28,6 +28,18 @@ from configs import search_data
 from configs import synthesize as synthesize_config
 
 
+def _smoke_data_and_supernet(c: ml_collections.ConfigDict, weight_decay: float) -> None:
+  """Seconds-long data variants, supernets and statistics (tests, CI)."""
+  c.synthesis = synthesize_config.get_config('smoke')
+  c.real_train_split = 'train[:256]'
+  c.val_per_class = 1
+  c.supernet = search_data.trainer_fields(batch_size=8, steps=3, lr=0.05,
+                                          weight_decay=weight_decay, image_size=32,
+                                          augment='crop')
+  c.calibration_batches, c.calibration_batch_size = 1, 8
+  c.num_bootstrap = 50
+
+
 def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = 'rank_correlation'
@@ -91,16 +103,10 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
     c.space = 'spos_tiny'
     c.num_architectures, c.pool_size = 3, 20
     c.variants = 'full,gaussian_noise'
-    c.synthesis = synthesize_config.get_config('smoke')
+    _smoke_data_and_supernet(c, weight_decay=4e-5)
     c.train = retrain_config.get_config('smoke')
     c.train.eval_every_steps = 10 ** 9
-    c.real_train_split = 'train[:256]'
     c.eval_split = 'test[:64]'
-    c.val_per_class = 1
-    c.supernet = search_data.trainer_fields(batch_size=8, steps=3, lr=0.05, weight_decay=4e-5,
-                                            image_size=32, augment='crop')
-    c.calibration_batches, c.calibration_batch_size = 1, 8
-    c.num_bootstrap = 50
   elif preset in ('nb201', 'nb201_smoke'):
     c.space = 'nb201-8x1'
     c.num_architectures = 100
@@ -112,13 +118,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
     if preset == 'nb201_smoke':
       c.space, c.num_architectures = 'nb201-4x1', 5
       c.variants = 'full,real_same_count'
-      c.synthesis = synthesize_config.get_config('smoke')
-      c.real_train_split = 'train[:256]'
-      c.val_per_class = 1
-      c.supernet = search_data.trainer_fields(batch_size=8, steps=3, lr=0.05, weight_decay=5e-4,
-                                              image_size=32, augment='crop')
-      c.calibration_batches, c.calibration_batch_size = 1, 8
-      c.num_bootstrap = 50
+      _smoke_data_and_supernet(c, weight_decay=5e-4)
   elif preset:
     raise ValueError(f"Unknown preset {preset!r} for rank_correlation; presets: '', 'smoke', "
                      "'nb201', 'nb201_smoke'")

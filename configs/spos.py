@@ -24,6 +24,20 @@ from configs import search_data
 from configs import synthesize as synthesize_config
 
 
+def _smoke_scale(c: ml_collections.ConfigDict, weight_decay: float) -> None:
+  """Seconds-long synthesis, supernet, search and retraining (tests, CI)."""
+  c.synthesis = synthesize_config.get_config('smoke')
+  c.val_per_class = 1
+  c.supernet = search_data.trainer_fields(batch_size=8, steps=4, lr=0.05,
+                                          weight_decay=weight_decay, image_size=32,
+                                          augment='crop')
+  c.supernet.checkpoint_every_steps = 2
+  c.search.update(population=4, generations=2, top_k=2, num_mutations=2, num_crossovers=1)
+  c.calibration_batches, c.calibration_batch_size = 1, 8
+  c.retrain = retrain_config.get_config('smoke')
+  c.eval_split = 'test[:64]'
+
+
 def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = 'spos'
@@ -61,17 +75,9 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   search_data.add_real_evaluation(c)
 
   if preset == 'smoke':
-    c.synthesis = synthesize_config.get_config('smoke')
-    c.val_per_class = 1
+    _smoke_scale(c, weight_decay=4e-5)
     c.space = 'spos_tiny'
     c.flops_min, c.flops_max, c.search_flops_max = 0.0, 2.4, 2.3
-    c.supernet = search_data.trainer_fields(batch_size=8, steps=4, lr=0.05, weight_decay=4e-5,
-                                            image_size=32, augment='crop')
-    c.supernet.checkpoint_every_steps = 2
-    c.search.update(population=4, generations=2, top_k=2, num_mutations=2, num_crossovers=1)
-    c.calibration_batches, c.calibration_batch_size = 1, 8
-    c.retrain = retrain_config.get_config('smoke')
-    c.eval_split = 'test[:64]'
   elif preset == 'imagenet':
     c.teacher = 'resnet50'
     c.synthesis = synthesize_config.get_config('imagenet')
@@ -99,15 +105,8 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
                                             image_size=32, augment='crop')
     c.search.update(population=20, generations=6, top_k=5, num_mutations=8, num_crossovers=8)
     if preset == 'nb201_smoke':
-      c.synthesis = synthesize_config.get_config('smoke')
-      c.space, c.val_per_class = 'nb201-4x1', 1
-      c.supernet = search_data.trainer_fields(batch_size=8, steps=4, lr=0.05, weight_decay=5e-4,
-                                              image_size=32, augment='crop')
-      c.supernet.checkpoint_every_steps = 2
-      c.search.update(population=4, generations=2, top_k=2, num_mutations=2, num_crossovers=1)
-      c.calibration_batches, c.calibration_batch_size = 1, 8
-      c.retrain = retrain_config.get_config('smoke')
-      c.eval_split = 'test[:64]'
+      _smoke_scale(c, weight_decay=5e-4)
+      c.space = 'nb201-4x1'
   elif preset:
     raise ValueError(f"Unknown preset {preset!r} for spos; presets: '', 'smoke', 'imagenet', "
                      "'nb201', 'nb201_smoke'")
