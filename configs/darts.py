@@ -26,7 +26,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = 'darts'
   search_data.add_teacher_and_data(c)
-  c.train_split = ''             # '' = first half (weights) / second half (architecture)
+  c.train_split = ''             # '' = half of each class (weights) / the rest (architecture)
   c.val_split = ''
   c.loss = 'distillation'        # | cross_entropy (hard labels, real data)
   c.soft_labels = 'stored'       # stored logits | teacher (recomputed per augmented batch)
