@@ -232,8 +232,10 @@ def test_two_devices_equal_one_device(teacher_dir, tmp_path):
   for a, b in zip(*records):
     assert a['round'] == b['round'] and a['target_label'] == b['target_label']
     # Same programs on the same per-device shapes; the only difference is how XLA
-    # splits reductions over threads, which 10 Adam steps amplify to ~1e-4.
-    np.testing.assert_allclose(a['logits'], b['logits'], rtol=1e-3, atol=1e-3)
+    # splits reductions over threads, which 10 Adam steps amplify: ~1e-4 on one CPU,
+    # 1.5e-3 (one logit in 320) on another (issue 24). The labels must not move.
+    assert a['label'] == b['label']
+    np.testing.assert_allclose(a['logits'], b['logits'], rtol=1e-3, atol=5e-3)
     assert np.abs(a['image'].astype(int) - b['image'].astype(int)).max() <= 1
 
 
