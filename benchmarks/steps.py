@@ -100,7 +100,9 @@ def darts_search(channels, cells, size, batch_size, n_dev, dtype, repeats):
   state = common.SearchState(
       weights=state_lib.create_train_state(model, jax.random.PRNGKey(0), size, tx),
       alphas=alphas, arch_opt_state=arch_tx.init(alphas))
-  p_step = darts.pmap_search_step(arch_tx=arch_tx, learning_rate_fn=lr_fn, mode='exact',
+  p_step = darts.pmap_search_step(arch_tx=arch_tx,
+                                  virtual_tx=darts.virtual_step_optimizer(config, lr_fn),
+                                  learning_rate_fn=lr_fn, mode='exact',
                                   loss='distillation', temperature=3.0)
   train, val = (_batch(n_dev, batch_size // n_dev, size, seed=s) for s in (0, 1))
   rstate = steps.replicate(state, jax.local_devices()[:n_dev])

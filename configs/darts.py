@@ -22,6 +22,9 @@ from configs import search_data
 from configs import synthesize as synthesize_config
 
 
+PRESETS = ('', 'smoke', 'cifar10', 'nb201', 'nb201_smoke')
+
+
 def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = 'darts'
@@ -29,7 +32,9 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.train_split = ''             # '' = half of each class (weights) / the rest (architecture)
   c.val_split = ''
   c.loss = 'distillation'        # | cross_entropy (hard labels, real data)
-  c.soft_labels = 'stored'       # stored logits | teacher (recomputed per augmented batch)
+  # teacher: its logits on each trained view (at its own input size) | stored: the dataset's,
+  # which label each canvas's centre window only (for window-sized images, augment='none').
+  c.soft_labels = 'teacher'
   c.temperature = 3.0
 
   # Search space: 'darts' (the reference's cells) or a NAS-Bench-201 network 'nb201',
@@ -43,13 +48,14 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.init_channels = 8            # reference 16
   c.layers = 3                   # reference 8 cells
   c.image_size = 16              # reference 32: the synthetic images resized
-  c.augment = 'none'             # the stored soft labels are for the whole image
+  c.augment = 'none'             # the whole canvas, resized
   c.batch_size = 16              # reference 64
   c.num_epochs = 5               # reference 50
   c.learning_rate = 0.025
   c.learning_rate_min = 0.001
   c.momentum = 0.9
-  c.weight_decay = 3e-4
+  c.weight_decay = 3e-4           # on kernels; the reference decays every parameter (here that
+                                 # is only the classifier's bias: the search BN has none)
   c.grad_clip = 5.0
   c.arch_learning_rate = 3e-4
   c.arch_weight_decay = 1e-3
@@ -66,10 +72,14 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.retrain.learning_rate = 0.05
   c.retrain.weight_decay = 3e-4
   c.retrain.warmup_epochs = 0.0
+  # The reference's retraining: plain momentum, gradients clipped at norm 5. Its drop-path
+  # rate ramps up linearly over training; here retrain_network.drop_path is constant.
+  c.retrain.nesterov, c.retrain.grad_clip = False, 5.0
   c.retrain.checkpoint_every_steps = 50
   c.retrain.aux_weight = 0.4     # used when retrain_network.auxiliary
 
   search_data.add_real_evaluation(c)
+  search_data.add_retraining_data(c)
 
   if preset == 'smoke':
     c.synthesis = synthesize_config.get_config('smoke')
@@ -84,7 +94,6 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
     c.synthesis.images_per_round, c.synthesis.num_rounds = 256, 100   # 25,600 images
     c.init_channels, c.layers, c.image_size, c.batch_size = 16, 8, 32, 64
     c.augment, c.num_epochs = 'crop', 50
-    c.soft_labels = 'teacher'
     c.log_every_steps, c.checkpoint_every_steps = 50, 200
     c.retrain_network.update(init_channels=36, layers=20, auxiliary=True, drop_path=0.2)
     c.retrain.batch_size, c.retrain.num_epochs, c.retrain.num_train_steps = 96, 600.0, -1
@@ -92,7 +101,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
     c.retrain.checkpoint_every_steps = 1000
   elif preset in ('nb201', 'nb201_smoke'):
     c.space = 'nb201-8x1'
-    c.image_size, c.augment, c.soft_labels = 32, 'crop', 'teacher'  # soft labels of each crop
+    c.image_size, c.augment = 32, 'crop'
     c.batch_size, c.num_epochs = 32, 20
     c.log_every_steps = c.checkpoint_every_steps = 6
     c.retrain.batch_size, c.retrain.num_train_steps = 64, 300
@@ -104,6 +113,5 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
       c.retrain = retrain_config.get_config('smoke')
       c.eval_split = 'test[:64]'
   elif preset:
-    raise ValueError(f"Unknown preset {preset!r} for darts; presets: '', 'smoke', 'cifar10', "
-                     "'nb201', 'nb201_smoke'")
+    raise ValueError(f'Unknown preset {preset!r} for darts; presets: {PRESETS}')
   return c

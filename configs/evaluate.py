@@ -7,6 +7,9 @@ import ml_collections
 from ml_collections import config_dict
 
 
+PRESETS = ('',)
+
+
 def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = 'evaluate'
@@ -20,5 +23,5 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.augment = 'cifar'             # eval preprocessing: cifar (resize) | imagenet | crop (centre window)
   c.batch_size = 500
   if preset:
-    raise ValueError(f"Unknown preset {preset!r} for evaluate; it has none.")
+    raise ValueError(f'Unknown preset {preset!r} for evaluate; presets: {PRESETS}')
   return c

@@ -22,6 +22,9 @@ from configs import search_data
 from configs import synthesize as synthesize_config
 
 
+PRESETS = ('', 'smoke', 'imagenet')
+
+
 def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = 'proxylessnas'
@@ -40,15 +43,19 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.warmup_epochs = 5            # weight steps only, paths from the initial (uniform) alphas
   c.num_epochs = 10              # search epochs after the warm-up
   c.learning_rate = 0.1          # cosine over the warm-up, then again over the search
+  c.warmup_learning_rate = 0.0   # the warm-up's peak; <= 0: learning_rate (reference: 0.05)
   c.momentum = 0.9
   c.nesterov = True
   c.weight_decay = 4e-5
+  c.decay_all_weights = False    # False: kernels only; the reference decays every weight (True)
+  c.bn_epsilon = 1e-5            # reference: 1e-3
   c.dropout = 0.0
 
   # Architecture: binary gates, Adam. The reference updates every 5 weight steps at
   # lr 1e-3 over thousands of steps; this CPU-sized run has ~100 architecture steps.
   c.binary_mode = 'two'          # two sampled paths per layer | full (every candidate computed)
   c.arch_update_every = 2        # one architecture step every N weight steps
+  c.arch_start_epoch = 0         # search epochs before the first one (reference: 1)
   c.arch_learning_rate = 1e-2
   c.arch_b1, c.arch_b2 = 0.0, 0.999
   c.arch_weight_decay = 0.0
@@ -80,6 +87,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.retrain.checkpoint_every_steps = 50
 
   search_data.add_real_evaluation(c)
+  search_data.add_retraining_data(c)
 
   if preset == 'smoke':
     c.synthesis = synthesize_config.get_config('smoke')
@@ -95,13 +103,15 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   elif preset == 'imagenet':
     c.teacher = 'resnet50'
     c.synthesis = synthesize_config.get_config('imagenet')
-    c.val_per_class = 50           # reference: 50,000 of ImageNet's training images
+    c.val_per_class = 8            # of the 10 per class: the SPOS reference's (ProxylessNAS
+                                   # holds out 50,000 real images)
     c.space = 'proxyless_imagenet'
     c.augment = 'imagenet'
     c.batch_size = 256
     c.warmup_epochs, c.num_epochs = 40, 120
-    c.learning_rate = 0.025
-    c.arch_update_every, c.arch_learning_rate = 5, 1e-3
+    c.learning_rate, c.warmup_learning_rate = 0.025, 0.05
+    c.decay_all_weights, c.bn_epsilon = True, 1e-3
+    c.arch_update_every, c.arch_learning_rate, c.arch_start_epoch = 5, 1e-3, 1
     c.calibration_batches = 50
     c.latency_batch_size = 1
     c.log_every_steps, c.checkpoint_every_steps = 100, 1000
@@ -111,7 +121,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
     c.retrain.label_smoothing = 0.1
     c.retrain.checkpoint_every_steps = 2000
     c.eval_dataset, c.eval_split = 'imagenet2012', 'validation'
+    c.real_dataset, c.real_augment = 'imagenet2012', 'imagenet'
   elif preset:
-    raise ValueError(f"Unknown preset {preset!r} for proxylessnas; presets: '', 'smoke', "
-                     "'imagenet'")
+    raise ValueError(f'Unknown preset {preset!r} for proxylessnas; presets: {PRESETS}')
   return c

@@ -40,23 +40,29 @@ def _smoke_data_and_supernet(c: ml_collections.ConfigDict, weight_decay: float) 
   c.num_bootstrap = 50
 
 
+PRESETS = ('', 'smoke', 'nb201', 'nb201_smoke')
+
+
 def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = 'rank_correlation'
   c.seed = 0
   c.teacher = 'cifar10_resnet20'
   c.teacher_checkpoint = ''
-  c.soft_labels = 'stored'        # distillation targets: the dataset's | teacher (per batch, slower)
+  # Distillation targets: teacher (its logits on each trained crop) | stored (the dataset's
+  # logits, which label each canvas's centre window only: for window-sized images).
+  c.soft_labels = 'teacher'
 
   # The K architectures: evenly spaced FLOPs quantiles of `pool_size` seeded paths
   # whose FLOPs lie in [flops_min, flops_max] (<= 0: unbounded); the supernets
-  # train on the same band.
+  # train on the same band, their paths drawn as `path_sampling` says (configs/spos.py).
   c.space = 'spos_cifar'           # | darts | nb201-<C>x<N> (then benchmark_table)
   c.benchmark_table = ''
   c.num_architectures = 6
   c.pool_size = 1000
   c.flops_min = 0.0
   c.flops_max = 0.0
+  c.path_sampling = 'flops_uniform'
   # space='darts': random genotypes (one_shot=False), networks of this size.
   c.darts_channels = 12
   c.darts_layers = 5
@@ -111,8 +117,8 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
     c.space = 'nb201-8x1'
     c.num_architectures = 100
     c.stand_alone = False
+    c.path_sampling = 'uniform'  # every cell equally often, as the benchmark's SPOS baseline
     c.variants = ('full,no_rlc,no_regional,deepinversion,gaussian_noise,real_same_count,real')
-    c.soft_labels = 'teacher'  # every variant distils the teacher's logits on its crops
     c.supernet = search_data.trainer_fields(batch_size=64, steps=500, lr=0.1, weight_decay=5e-4,
                                             image_size=32, augment='crop')
     if preset == 'nb201_smoke':
@@ -120,6 +126,5 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
       c.variants = 'full,real_same_count'
       _smoke_data_and_supernet(c, weight_decay=5e-4)
   elif preset:
-    raise ValueError(f"Unknown preset {preset!r} for rank_correlation; presets: '', 'smoke', "
-                     "'nb201', 'nb201_smoke'")
+    raise ValueError(f'Unknown preset {preset!r} for rank_correlation; presets: {PRESETS}')
   return c

@@ -8,6 +8,9 @@ import ml_collections
 from ml_collections import config_dict
 
 
+PRESETS = ('', 'smoke')
+
+
 def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = 'retrain'
@@ -44,6 +47,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.lr_schedule = 'cosine'
   c.momentum = 0.9
   c.nesterov = True
+  c.grad_clip = 0.0                    # global-norm clipping of the gradient; <= 0: none
   c.weight_decay = 5e-4
   c.log_every_steps = 50
   c.eval_every_steps = 1000
@@ -58,5 +62,5 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
     c.eval_split = 'test[:64]'
     c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 3
   elif preset:
-    raise ValueError(f"Unknown preset {preset!r} for retrain; presets: '', 'smoke'")
+    raise ValueError(f'Unknown preset {preset!r} for retrain; presets: {PRESETS}')
   return c

@@ -26,6 +26,18 @@ def add_real_evaluation(c: ml_collections.ConfigDict) -> None:
   c.eval_split = 'test'
 
 
+def add_retraining_data(c: ml_collections.ConfigDict) -> None:
+  """What a search's found architecture is retrained on: the searched data (synthetic:
+  distillation, as searched) and/or a real training split with hard labels and label
+  smoothing, as the paper retrains its found architectures."""
+  c.retrain_data = 'synthetic'   # synthetic | real | synthetic,real (both numbers reported)
+  c.real_dataset = 'cifar10'
+  c.real_data_dir = config_dict.placeholder(str)
+  c.real_train_split = 'train'
+  c.real_augment = 'cifar'
+  c.real_label_smoothing = 0.1   # the paper's ImageNet retraining
+
+
 def trainer_fields(batch_size, steps, lr, weight_decay, image_size, augment, loss='distillation'):
   """The fields `dfnas_jax.train.trainer.fit` reads (a supernet's or a short retraining's)."""
   c = ml_collections.ConfigDict()
@@ -38,6 +50,7 @@ def trainer_fields(batch_size, steps, lr, weight_decay, image_size, augment, los
   c.lr_schedule = 'linear'
   c.momentum = 0.9
   c.nesterov = False
+  c.grad_clip = 0.0
   c.weight_decay = weight_decay
   c.loss = loss
   c.label_smoothing = 0.0

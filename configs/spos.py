@@ -38,11 +38,16 @@ def _smoke_scale(c: ml_collections.ConfigDict, weight_decay: float) -> None:
   c.eval_split = 'test[:64]'
 
 
+PRESETS = ('', 'smoke', 'imagenet', 'nb201', 'nb201_smoke')
+
+
 def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = 'spos'
   search_data.add_teacher_and_data(c)
-  c.val_per_class = 8            # held out from the synthetic set for the search
+  # Held out from the synthetic set for the search, and scored against each image's label
+  # (the teacher's argmax on it; the reference scores the class it was synthesized for).
+  c.val_per_class = 8
   c.train_split = ''             # explicit splits override val_per_class (real data)
   c.val_split = ''
   c.soft_labels = 'teacher'      # teacher: recomputed per augmented batch | stored
@@ -53,7 +58,12 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.benchmark_table = ''         # NAS-Bench-201 results (nb201 spaces): found cell's accuracy
   c.flops_min = 13.0             # MFLOPs (multiply-adds); <= 0: no lower bound
   c.flops_max = 15.5             # <= 0: no upper bound
+  # Supernet paths: flops_uniform (the reference): a FLOPs bin of the band uniformly,
+  # then a path of it | uniform: uniform paths, redrawn until in the band.
+  c.path_sampling = 'flops_uniform'
   c.dropout = 0.1
+  # Weights start He-normal (fan-out), as every network here; the reference draws its first
+  # conv and classifier from N(0, 0.01) and the other convolutions from N(0, 1/in).
 
   c.supernet = search_data.trainer_fields(batch_size=32, steps=250, lr=0.1, weight_decay=4e-5,
                                           image_size=32, augment='crop')
@@ -73,6 +83,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.retrain.checkpoint_every_steps = 50
 
   search_data.add_real_evaluation(c)
+  search_data.add_retraining_data(c)
 
   if preset == 'smoke':
     _smoke_scale(c, weight_decay=4e-5)
@@ -95,11 +106,13 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
     c.retrain.lr_schedule = 'linear'
     c.retrain.checkpoint_every_steps = 2000
     c.eval_dataset, c.eval_split = 'imagenet2012', 'validation'
+    c.real_dataset, c.real_augment = 'imagenet2012', 'imagenet'
   elif preset in ('nb201', 'nb201_smoke'):
     # Uniform single-path sampling over all 5**6 cells, as the benchmark's SPOS baseline;
     # a reduced network (C channels, N cells per stage) is the one-shot proxy.
     c.space = 'nb201-8x1'
     c.flops_min = c.flops_max = c.search_flops_max = 0.0
+    c.path_sampling = 'uniform'
     c.dropout = 0.0
     c.supernet = search_data.trainer_fields(batch_size=64, steps=300, lr=0.1, weight_decay=5e-4,
                                             image_size=32, augment='crop')
@@ -108,6 +121,5 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
       _smoke_scale(c, weight_decay=5e-4)
       c.space = 'nb201-4x1'
   elif preset:
-    raise ValueError(f"Unknown preset {preset!r} for spos; presets: '', 'smoke', 'imagenet', "
-                     "'nb201', 'nb201_smoke'")
+    raise ValueError(f'Unknown preset {preset!r} for spos; presets: {PRESETS}')
   return c

@@ -12,6 +12,9 @@ Ablations: --config.label_calibration=False (hard targets every round),
 import ml_collections
 
 
+PRESETS = ('', 'smoke', 'imagenet')
+
+
 def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = 'synthesize'
@@ -43,6 +46,10 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.beta1 = 0.5
   c.beta2 = 0.9
   c.eps = 1e-8
+  # Linear warm-up from 0 (step 0 does not move the canvas; the reference's starts at
+  # lr / warmup_steps). Kept: Adam's first step moves every pixel by +-lr whatever its
+  # gradient's size, so starting at lr / warmup turned float-level differences (1e-6 in
+  # round-0 logits, 1 vs 2 devices) into round-1 images up to 82/255 apart; from 0, <= 1/255.
   c.warmup_steps = 20
 
   # Loss = main + bn * R_feature + tv_l2 * TV_l2 + tv_l1 * TV_l1 + l2 * ||x||.
@@ -52,6 +59,11 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.tv_l2_weight = 1e-4
   c.tv_l1_weight = 0.0
   c.l2_weight = 1e-5
+  # The batch the BN statistics and the TV-l2 norm are taken over: 'global' (all batch_size
+  # images, across the local devices) | 'device' (each device's shard). Global by default:
+  # the reference inverts each whole batch on one GPU, and so the dataset does not depend on
+  # the device count (with 'device', 8 devices at batch 128 match statistics of 16 images).
+  c.loss_batch = 'global'
 
   # The teacher's activations: float32 | bfloat16 (accelerators; canvas, Adam and the loss
   # terms stay float32).
@@ -71,5 +83,5 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
     c.low_res_steps, c.full_res_steps, c.warmup_steps = 2000, 3000, 100
     c.chunk_steps = 100
   elif preset:
-    raise ValueError(f"Unknown preset {preset!r} for synthesize; presets: '', 'smoke', 'imagenet'")
+    raise ValueError(f'Unknown preset {preset!r} for synthesize; presets: {PRESETS}')
   return c

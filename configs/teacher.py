@@ -7,6 +7,9 @@ import ml_collections
 from ml_collections import config_dict
 
 
+PRESETS = ('', 'smoke')
+
+
 def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = 'teacher'
@@ -35,6 +38,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.lr_schedule = 'cosine'
   c.momentum = 0.9
   c.nesterov = True
+  c.grad_clip = 0.0               # global-norm clipping of the gradient; <= 0: none
   c.weight_decay = 5e-4
   c.loss = 'cross_entropy'
   c.label_smoothing = 0.0
@@ -52,5 +56,5 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
     c.warmup_epochs = 0.25
     c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 4
   elif preset:
-    raise ValueError(f"Unknown preset {preset!r} for teacher; presets: '', 'smoke'")
+    raise ValueError(f'Unknown preset {preset!r} for teacher; presets: {PRESETS}')
   return c

@@ -36,7 +36,12 @@ flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0; auto-detected on Cloud TPU VMs and SLURM.')
 flags.DEFINE_integer('num_processes', None, 'Processes in the job (with coordinator_address).')
 flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
+flags.DEFINE_bool('traceback', False,
+                  'On a bad input, show the Python traceback, not only the one-line message.')
 flags.mark_flags_as_required(['config'])
+
+# What a bad config, path, checkpoint or dataset raises: one line, unless --traceback.
+USER_ERRORS = (ValueError, FileNotFoundError)
 
 
 class _QuietOrbax:
@@ -67,7 +72,12 @@ def main(argv):
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())
   logging.info('Stage %s, workdir %s, config:\n%s', FLAGS.config.stage, workdir, FLAGS.config)
-  summary = stages.run(FLAGS.config, workdir)
+  try:
+    summary = stages.run(FLAGS.config, workdir)
+  except USER_ERRORS as e:
+    if FLAGS.traceback:
+      raise
+    sys.exit(f'Error: {e}\n(stage {FLAGS.config.stage}; --traceback shows where it was raised)')
   logging.info('Summary: %s', summary)
 
 

@@ -13,7 +13,17 @@ STAGES = {
 }
 
 
-def run(config, workdir: str):
+def _module(config):
   if config.stage not in STAGES:
     raise ValueError(f'Unknown stage {config.stage!r}; known stages: {sorted(STAGES)}')
-  return importlib.import_module(STAGES[config.stage]).run(config, workdir)
+  return importlib.import_module(STAGES[config.stage])
+
+
+def check(config) -> None:
+  """The stage's config checks alone (its `run` starts with them): no data or weights
+  are read and nothing is trained."""
+  _module(config).check_config(config)
+
+
+def run(config, workdir: str):
+  return _module(config).run(config, workdir)

@@ -33,6 +33,7 @@ def main(process_id: int, port: int, workdir: str, crash_at_step: int = 0):
   jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'jax_cache'))
   config = spos_config.get_config('smoke')
   config.soft_labels = 'stored'
+  config.synthesis.regional_update = False  # window-sized images: stored logits label them
   config.supernet.loss = 'distillation'
   config.supernet.num_train_steps = SUPERNET_STEPS
   config.supernet.checkpoint_every_steps = 2
@@ -42,7 +43,8 @@ def main(process_id: int, port: int, workdir: str, crash_at_step: int = 0):
 
   config.dataset = os.path.join(workdir, 'synthesize', 'synthetic')
   data = common.search_data(config, workdir, per_class=config.val_per_class)
-  sampler = spos.PathSampler(spos.one_shot_space(config.space), data.train.num_classes, config.flops_min, config.flops_max)
+  sampler = spos.PathSampler(spos.one_shot_space(config.space), data.train.num_classes,
+                             config.flops_min, config.flops_max, config.path_sampling)
   model = models.build_model(config.space, data.train.num_classes, dropout=config.dropout)
 
   calls = iter(range(1, 1_000_000))

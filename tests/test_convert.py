@@ -264,3 +264,26 @@ def test_cli_writes_msgpack(tmp_path, resnet18_1000):
   np.testing.assert_array_equal(variables['params']['fc']['kernel'], state['fc.weight'].T)
   np.testing.assert_array_equal(variables['batch_stats']['layer2_0']['downsample_1']['var'],
                                 state['layer2.0.downsample.1.running_var'])
+
+
+def test_cli_writes_a_teacher_directory_every_stage_can_load(tmp_path):
+  """A user's 10-class, 32 px CIFAR ResNet-18: classes, size, normalization and names travel."""
+  model = torch_resnet('resnet18', num_classes=10, size=32)
+  src, out = str(tmp_path / 'user.pth'), str(tmp_path / 'my_teacher')
+  torch.save(model.state_dict(), src)
+  names = tmp_path / 'classes.txt'
+  names.write_text('\n'.join(teachers.CIFAR10_CLASSES) + '\n')
+  convert.main(['--architecture', 'resnet18', '--num_classes', '10', '--image_size', '32',
+                '--mean', '0.4914,0.4822,0.4465', '--std', '0.2470,0.2435,0.2616',
+                '--class_names', str(names), '--input', src, '--output', out])
+  module, variables, spec = teachers.load(out)
+  assert (spec.num_classes, spec.image_size, spec.class_names) == (
+      10, 32, teachers.CIFAR10_CLASSES)
+  assert tuple(module.mean) == (0.4914, 0.4822, 0.4465)
+  assert tuple(module.std) == (0.2470, 0.2435, 0.2616)
+  diff, _ = compare_logits(module, variables, model, images_like(32, n=2))
+  assert diff < 1e-4  # the torch model fed images normalized with the given statistics
+  assert teachers.get(out) == spec  # what the stages' config checks read
+  with pytest.raises(SystemExit):
+    convert.main(['--architecture', 'resnet18', '--num_classes', '10', '--mean', '0.5,0.5,0.5',
+                  '--input', src, '--output', str(tmp_path / 'other')])

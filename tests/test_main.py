@@ -46,3 +46,19 @@ def test_bad_command_lines_fail_loudly(tmp_path, args, message):
                *args], cwd=tmp_path)
   assert out.returncode != 0
   assert (message or "Unknown preset 'huge'") in out.stderr
+
+
+@pytest.mark.parametrize('config, args, message', [
+    ('teacher.py:smoke', ['--config.dataset=/no/such/dir'],
+     'Error: Dataset directory /no/such/dir does not exist'),
+    ('synthesize.py:smoke', ['--config.batch_size=-4'],
+     'Error: batch_size and images_per_round must be positive, got -4 and 16.'),
+])
+def test_a_bad_input_is_one_line_without_a_traceback(tmp_path, config, args, message):
+  out = _main([f'--config={REPO}/configs/{config}', f'--workdir={tmp_path}', *args], cwd=tmp_path)
+  assert out.returncode == 1 and message in out.stderr, out.stderr[-2000:]
+  assert 'Traceback' not in out.stderr
+  if config.startswith('teacher'):  # once: --traceback shows where
+    out = _main([f'--config={REPO}/configs/{config}', f'--workdir={tmp_path}', '--traceback',
+                 *args], cwd=tmp_path)
+    assert out.returncode == 1 and 'Traceback' in out.stderr

@@ -62,10 +62,34 @@ def test_spos_rejects_a_table_for_another_space(table_path, tmp_path):
   assert not (tmp_path / 'synthesize').exists()
 
 
+def test_a_missing_real_retraining_dataset_fails_before_any_work(tmp_path):
+  config = spos_config.get_config('nb201_smoke')
+  config.update(eval_dataset='', retrain_data='synthetic,real', real_dataset='no_such_data',
+                download=False)
+  with pytest.raises(ValueError, match="Dataset 'no_such_data' is neither"):
+    spos_stage.run(config, str(tmp_path))
+  assert not (tmp_path / 'synthesize').exists()
+  config.retrain_data = 'real,real'
+  with pytest.raises(ValueError, match='retrain_data must be one or both of'):
+    spos_stage.run(config, str(tmp_path))
+
+
 def test_darts_on_nb201_derives_the_argmax_cell(data_dir, table_path, tmp_path, quick_compiles):
   config = _real_eval(darts_config.get_config('nb201_smoke'), data_dir)
   config.benchmark_table = table_path
+  # The found cell retrained twice: on the synthetic data, and on real images with hard labels.
+  config.update(retrain_data='synthetic,real', real_dataset='cifar10_jpeg', real_data_dir=data_dir,
+                real_train_split='train[:64]')
   summary = darts_stage.run(config, str(tmp_path))
+  finals = summary['final_by_train_data']
+  assert summary['final_train_data'] == 'synthetic' and list(finals) == ['synthetic', 'real']
+  assert summary['final_accuracy'] == finals['synthetic']['accuracy']
+  assert finals['synthetic']['loss'] == 'distillation'
+  assert finals['real']['loss'] == 'cross_entropy'
+  assert finals['real']['train_data'] == 'cifar10_jpeg train[:64]'
+  real = json.loads((tmp_path / 'retrain_real' / 'summary.json').read_text())
+  assert real['label_smoothing'] == 0.1 and real['eval_split'] == 'train[45000:45064]'
+  assert finals['real']['model_dir'] == str(tmp_path / 'retrain_real' / 'model')
   saved = json.loads((tmp_path / 'search' / 'genotypes' / 'epoch_002.json').read_text())
   ops = tuple(saved['ops'])
   assert summary['genotype'] == {'cell': nb201.arch_to_string(ops), 'ops': list(ops)}

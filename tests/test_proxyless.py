@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,6 +148,88 @@ def test_two_path_rescale_keeps_the_other_candidates_probabilities():
   assert not np.allclose(p_new[involved], p_old[involved])  # the update itself survives
 
 
+def test_layerwise_adam_is_torch_adam_with_one_parameter_per_layer():
+  """The reference's torch.optim.Adam: a step count per parameter (each layer's
+  logits), weight decay added to the gradient, and a parameter whose grad is None
+  (`skip`) left as it was, its moments and step count included."""
+  lr, b1, b2, eps, wd = 0.1, 0.5, 0.999, 1e-8, 1e-2
+  tx = stage.layerwise(optax.chain(optax.add_decayed_weights(wd),
+                                   optax.adam(lr, b1=b1, b2=b2, eps=eps)))
+  rng = np.random.default_rng(0)
+  params = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+  state = tx.init(params)
+  ref, m, v, t = np.array(params, np.float64), np.zeros((3, 4)), np.zeros((3, 4)), np.zeros(3)
+  for skip in np.array([[0, 0, 0], [1, 0, 0], [1, 0, 1], [0, 0, 0]], bool):
+    grads = rng.normal(size=(3, 4)).astype(np.float32)
+    updates, state = tx.update(jnp.asarray(grads), state, params, skip=jnp.asarray(skip))
+    params = optax.apply_updates(params, updates)
+    for l in np.flatnonzero(~skip):  # torch.optim.Adam's step of parameter l
+      t[l] += 1
+      g = grads[l] + wd * ref[l]
+      m[l] = b1 * m[l] + (1 - b1) * g
+      v[l] = b2 * v[l] + (1 - b2) * g ** 2
+      ref[l] -= lr * m[l] / (1 - b1 ** t[l]) / (np.sqrt(v[l] / (1 - b2 ** t[l])) + eps)
+  np.testing.assert_allclose(params, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_two_path_arch_step_moves_only_the_drawn_pairs_and_skips_zero_layers():
+  """The reference's two-path step with the cost term on: E[cost] over each layer's
+  drawn pair, renormalized (`current_prob_over_ops`); its gradient and the gates'
+  reach only the pair, and undrawn logits stay exactly as they were (Adam with
+  b1 = 0 and no weight decay). A layer whose active candidate is zero has no
+  gradient (grad None): its logits and Adam state do not change."""
+  space = space_lib.SearchSpace(8, 1, 8, (8, 16), (1, 1), (1, 2), 32, 16, TINY.mean, TINY.std)
+  allowed = space.allowed()  # layer 0 may be zero, layer 1 not
+  model = space_lib.ProxylessNet(space, num_classes=10)
+  variables = state_lib.init_variables(model, jax.random.PRNGKey(0), 16)
+  arch_tx = stage.arch_optimizer(proxylessnas_config.get_config())
+  alphas = jax.random.normal(jax.random.PRNGKey(1), allowed.shape).at[0, space_lib.ZERO].set(1.0)
+  state = common.SearchState(
+      weights=state_lib.TrainState.create(apply_fn=model.apply, params=variables['params'],
+                                          batch_stats=variables['batch_stats'],
+                                          tx=optax.sgd(0.0)),
+      alphas=alphas, arch_opt_state=arch_tx.init(alphas))
+  cost = latency.flops_table(space, 10)
+  p_arch = jax.pmap(functools.partial(
+      stage.arch_step, seed=0, allowed=allowed, mode='two', arch_tx=arch_tx, cost=cost,
+      cost_loss=stage.CostLoss('add_linear', 5.0), loss='cross_entropy', temperature=1.0),
+      axis_name=steps.AXIS)
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.uniform(size=(1, 4, 16, 16, 3)).astype(np.float32),
+           'label': rng.integers(10, size=(1, 4)).astype(np.int32)}
+  rstate = steps.replicate(state)
+  rows = np.arange(space.num_layers)[:, None]
+  zero_layer_steps = 0
+  for step in range(6):
+    rstate = rstate.replace(weights=rstate.weights.replace(step=jnp.full((1,), step)))
+    old, old_opt = jax.device_get((rstate.alphas[0], rstate.arch_opt_state))
+    key = jax.random.fold_in(jax.random.PRNGKey(1), step)  # arch_step's draw
+    paths, gates = (np.asarray(a) for a in stage.binarize(key, old, allowed, 'two'))
+    rstate, m = p_arch(rstate, batch)
+    new = np.asarray(rstate.alphas[0])
+    drawn = np.zeros(allowed.shape, bool)
+    drawn[rows, paths] = True
+    np.testing.assert_array_equal(new[~drawn], old[~drawn])
+    pair = lambda a: a[rows, paths]
+    expected = cost.fixed + np.sum(np.asarray(jax.nn.softmax(pair(old))) * pair(cost.table))
+    assert float(m.unreplicate().compute()['expected_cost']) == pytest.approx(expected,
+                                                                          rel=1e-5)
+    new_opt = jax.device_get(rstate.arch_opt_state)
+    for layer, active in enumerate(paths[rows[:, 0], gates.argmax(-1)]):
+      if active == space_lib.ZERO:
+        zero_layer_steps += 1
+        np.testing.assert_array_equal(new[layer], old[layer])
+        for before, after in zip(jax.tree_util.tree_leaves(old_opt),
+                                 jax.tree_util.tree_leaves(new_opt)):
+          assert before.shape[1:2] == (space.num_layers,)  # [devices, layers, ...]
+          np.testing.assert_array_equal(after[:, layer], before[:, layer])
+      else:  # the pair moved; the rescale kept its total probability
+        assert not np.allclose(new[layer, paths[layer]], old[layer, paths[layer]])
+        np.testing.assert_allclose(jax.nn.logsumexp(new[layer, paths[layer]]),
+                                   jax.nn.logsumexp(old[layer, paths[layer]]), rtol=1e-5)
+  assert 0 < zero_layer_steps < 6  # both cases were drawn in layer 0
+
+
 @pytest.mark.parametrize('form', ['mul_log', 'add_linear'])
 def test_latency_term_moves_probability_to_faster_candidates(form):
   """A flat task loss: only the latency term drives the architecture."""
@@ -183,7 +266,7 @@ def test_one_compiled_step_serves_every_sampled_path(quick_compiles):
   allowed = space.allowed()
   assert allowed[:, space_lib.ZERO].tolist() == [True, False]
   tx = state_lib.sgd(optax.constant_schedule(0.05), 0.9, 4e-5)
-  arch_tx = optax.adam(1e-3, b1=0.0)
+  arch_tx = stage.layerwise(optax.adam(1e-3, b1=0.0))
   alphas = jnp.zeros(allowed.shape)
   state = common.SearchState(
       weights=state_lib.TrainState.create(apply_fn=model.apply, params=variables['params'],
@@ -238,6 +321,7 @@ def test_cost_tables_flops_and_cached_latency(tmp_path, monkeypatch):
     ('cost_loss', 'exp', 'cost_loss must be one of'),
     ('space', 'proxyless_huge', 'space must be one of'),
     ('arch_update_every', 0, 'arch_update_every must be >= 1'),
+    ('arch_start_epoch', 1, r'arch_start_epoch must be in \[0, num_epochs=1\)'),
     ('compute_dtype', 'fp16', "compute_dtype='fp16': expected one of"),
 ])
 def test_bad_proxylessnas_configs_are_one_clear_error(tmp_path, field, value, message):
@@ -245,6 +329,42 @@ def test_bad_proxylessnas_configs_are_one_clear_error(tmp_path, field, value, me
   config[field] = value
   with pytest.raises(ValueError, match=message):
     stage.run(config, str(tmp_path))
+
+
+def test_reference_warmup_rate_weight_decay_and_first_architecture_epoch():
+  """The imagenet preset's reference settings; the default keeps the project's."""
+  reference, default = (proxylessnas_config.get_config(p) for p in ('imagenet', ''))
+  lr = stage.weight_schedule(reference, 10, 20)  # warm-up: cosine from lr_max = 0.05
+  assert [float(lr(s)) for s in (0, 5, 10)] == pytest.approx([0.05, 0.025, 0.025])
+  assert float(stage.weight_schedule(default, 10, 20)(0)) == pytest.approx(0.1)
+  params = {'kernel': jnp.ones((2, 2)), 'scale': jnp.ones((2,))}
+  zero_grads = jax.tree_util.tree_map(jnp.zeros_like, params)
+  for config, decays_scale in ((default, False), (reference, True)):
+    tx = stage.weight_optimizer(config, optax.constant_schedule(1.0))
+    updates, _ = tx.update(zero_grads, tx.init(params), params)
+    assert float(updates['kernel'][0, 0]) < 0
+    assert (float(updates['scale'][0]) < 0) == decays_scale
+  # Reference: no architecture step in the first search epoch, then one every 5
+  # batches (10 batches an epoch after a 10-step warm-up: the first at step 25).
+  counts = [stage.arch_steps_until(reference, 10, 10, s) for s in range(41)]
+  assert counts.index(1) == 25 and counts[40] == 4
+  assert [stage.arch_steps_until(default, 10, 10, s) for s in (11, 12)] == [0, 1]
+
+
+def test_bn_epsilon_reaches_every_batch_norm():
+  seen = {}
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.BatchNorm):
+      seen['/'.join(context.module.path)] = context.module.epsilon
+    return next_fun(*args, **kwargs)
+
+  model = space_lib.ProxylessNet(TINY, 10, bn_epsilon=1e-3)
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
+  assert set(seen.values()) == {1e-3}
+  assert {'stem/bn', 'head/feature_mix_bn', 'stem/first_block/project_bn'} <= set(seen)
+  assert any(k.startswith('layer2/') for k in seen), sorted(seen)
 
 
 def test_mul_log_needs_a_target_above_one(tmp_path):
@@ -273,11 +393,13 @@ def test_proxylessnas_smoke_end_to_end_resumes_after_kill(data_dir, tmp_path):
     first.wait()
   assert (checkpoints / '6').is_dir(), (tmp_path / 'first.log').read_text()[-3000:]
   assert not (workdir / 'summary.json').exists()
+  # Saves are asynchronous: under load the step-8 checkpoint can complete before the kill.
+  latest = max(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
 
   out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
   # 32 images: 24 weight / 8 architecture images (class-balanced), 6 weight steps an epoch.
-  assert 'Resuming the search from step 6 of 12' in out.stderr
+  assert f'Resuming the search from step {latest} of 12' in out.stderr
   assert 'Measured' not in out.stderr  # the latency table came from the cache
   summary = json.loads((workdir / 'summary.json').read_text())
   assert [h['epoch'] for h in summary['search_history']] == [1, 2]  # no epoch twice

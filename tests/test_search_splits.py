@@ -40,7 +40,10 @@ def test_class_balanced_rows_per_class_and_fraction():
   labels = np.repeat(np.arange(3), [10, 6, 3])
   kept, held = common.class_balanced_rows(labels, 0, per_class=2)
   assert sorted(kept + held) == list(range(len(labels))) and not set(kept) & set(held)
-  assert np.bincount(labels[held]).tolist() == [2, 2, 1]  # a 3-image class keeps at least half
+  assert np.bincount(labels[held]).tolist() == [2, 2, 2]
+  # The reference's 8 of 10 per class; a class with fewer keeps one image.
+  assert np.bincount(labels[common.class_balanced_rows(labels, 0, per_class=8)[1]]).tolist() == [
+      8, 5, 2]
   assert common.class_balanced_rows(labels, 0, per_class=2) == (kept, held)  # a function of seed
   assert common.class_balanced_rows(labels, 1, per_class=2)[1] != held
   _, halves = common.class_balanced_rows(labels, 0, fraction=0.5)

@@ -1,4 +1,5 @@
 """SPOS: search space cost, supernet training semantics, candidate scoring, evolution, stage."""
+import itertools
 import json
 import os
 import subprocess
@@ -67,6 +68,28 @@ def test_reference_space_matches_the_papers_flops_band():
   assert 285 < min(costs) < 300 and 350 < max(costs) < 365
 
 
+def test_stride2_projection_has_the_choice_kernel_as_in_the_reference():
+  # The reference's FLOPs table gives 313.65 and 340.37 M for its uniform 5x5 and 7x7 paths;
+  # a 3x3 projection in the four stride-2 layers would count 311.30 and 334.48.
+  reference = spos.SPACES['spos_imagenet']
+  assert spos.cost(reference, (1,) * 20, 1000)[0] / 1e6 == pytest.approx(313.65, abs=0.02)
+  assert spos.cost(reference, (2,) * 20, 1000)[0] / 1e6 == pytest.approx(340.37, abs=0.02)
+  # spos_tiny's layers 1-3 have stride 2; each supernet choice has its own projection.
+  supernet = models.build_model('spos_tiny', 10)
+  params = supernet.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))['params']
+  for layer in (1, 2, 3):
+    assert [params[f'layer{layer}'][f'choices_{c}']['conv0']['kernel'].shape[0]
+            for c in range(4)] == [3, 5, 7, 3]
+  arch = (0, 1, 2, 3)  # projections 5x5, 7x7, 3x3: the analytic count follows them
+  model = models.build_model(spos.architecture_name('spos_tiny', arch), 10)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  assert [variables['params'][f'layer{i}']['conv0']['kernel'].shape[0] for i in (1, 2, 3)] == [
+      5, 7, 3]
+  macs, params = spos.cost(TINY, arch, 10)
+  assert params == sum(x.size for x in jax.tree_util.tree_leaves(variables['params']))
+  assert macs == _counted_macs(model, variables, 32)
+
+
 def test_architecture_names_round_trip_and_reject_bad_ones():
   name = spos.architecture_name('spos_tiny', (3, 0, 2, 1))
   assert name == 'spos_tiny:3021' and spos.parse_name(name) == ('spos_tiny', (3, 0, 2, 1))
@@ -77,13 +100,52 @@ def test_architecture_names_round_trip_and_reject_bad_ones():
     spos.parse_name('spos_huge:0000')
 
 
-def test_path_sampler_keeps_to_the_flops_band():
-  sampler = spos_stage.PathSampler(spos_stage.one_shot_space('spos_tiny'), 10, 2.1, 2.3)
+@pytest.mark.parametrize('mode', spos_stage.PATH_SAMPLING)
+def test_path_sampler_keeps_to_the_flops_band(mode):
+  space = spos_stage.one_shot_space('spos_tiny')
+  sampler = spos_stage.PathSampler(space, 10, 2.1, 2.3, mode)
   rng = np.random.default_rng(0)
   assert all(2.1 <= sampler.mflops(sampler(rng)) <= 2.3 for _ in range(20))
+  # The path of a supernet step is a function of its seed.
+  assert sampler(np.random.default_rng([0, 7])) == sampler(np.random.default_rng([0, 7]))
   with pytest.raises(ValueError, match=r'\[50.0, 60.0\] M'):
-    spos_stage.PathSampler(spos_stage.one_shot_space('spos_tiny'), 10, 50.0, 60.0,
-                           max_tries=50)(rng)
+    spos_stage.PathSampler(space, 10, 50.0, 60.0, mode, max_tries=50)(rng)
+  with pytest.raises(ValueError, match="path_sampling='flat'"):
+    spos_stage.PathSampler(space, 10, 2.1, 2.3, 'flat')
+
+
+def _bin_shares(sampler, binned, draws):
+  rng = np.random.default_rng(0)
+  archs = [sampler(rng) for _ in range(draws)]
+  assert all(sampler.valid(a) for a in archs)
+  return np.bincount([binned.bin_of(a) for a in archs],
+                     minlength=len(binned.bin_counts)) / draws
+
+
+def test_flops_uniform_sampling_flattens_the_bins_uniform_does_not():
+  config = spos_config.get_config()
+  space = spos_stage.one_shot_space(config.space)
+  flat = spos_stage.PathSampler(space, 10, config.flops_min, config.flops_max)
+  assert flat.mode == config.path_sampling == 'flops_uniform'
+  uniform = spos_stage.PathSampler(space, 10, config.flops_min, config.flops_max, 'uniform')
+  # Measured with seed 0, 7 bins: shares 0.135-0.156 for flops_uniform, 0.044-0.212 for
+  # uniform (the cheapest bin least).
+  assert np.abs(_bin_shares(flat, flat, 3000) - 1 / 7).max() < 0.03
+  shares = _bin_shares(uniform, flat, 3000)
+  assert np.abs(shares - 1 / 7).max() > 0.03 and shares[0] < 0.5 / 7
+
+
+def test_flops_uniform_bins_are_exact_and_empty_ones_are_never_drawn():
+  space = spos_stage.one_shot_space('spos_tiny')
+  sampler = spos_stage.PathSampler(space, 10, 0.0, 2.4, num_bins=60)
+  paths = list(itertools.product(range(4), repeat=4))
+  in_band = [a for a in paths if sampler.valid(a)]
+  counts = np.bincount([sampler.bin_of(a) for a in in_band], minlength=60)
+  assert list(counts) == sampler.bin_counts and 0 in counts  # 176 paths, some bins empty
+  archs = [sampler(np.random.default_rng([1, step])) for step in range(3000)]
+  assert set(archs) == set(in_band)  # every path of the band, only those
+  shares = np.bincount([sampler.bin_of(a) for a in archs], minlength=60) / 3000
+  assert np.abs(shares[counts > 0] - 1 / np.count_nonzero(counts)).max() < 0.01
 
 
 def test_supernet_step_compiles_once_and_leaves_unused_choices_untouched(quick_compiles):
@@ -199,5 +261,13 @@ def test_bad_compute_dtype_fails_before_any_work(tmp_path):
   config = spos_config.get_config('smoke')
   config.compute_dtype = 'fp16'
   with pytest.raises(ValueError, match="compute_dtype='fp16': expected one of"):
+    spos_stage.run(config, str(tmp_path))
+  assert not (tmp_path / 'synthesize').exists()
+
+
+def test_bad_path_sampling_fails_before_any_work(tmp_path):
+  config = spos_config.get_config('smoke')
+  config.path_sampling = 'flat'
+  with pytest.raises(ValueError, match="path_sampling='flat': expected one of"):
     spos_stage.run(config, str(tmp_path))
   assert not (tmp_path / 'synthesize').exists()

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -155,6 +156,18 @@ def test_dataset_round_trip_and_label_calibration(teacher_dir, tmp_path, monkeyp
   assert os.path.getsize(tmp_path / 'preview.png') > 1000
   assert json.loads((tmp_path / 'summary.json').read_text())['num_images'] == 32
 
+  # Reused where its work directory now is, and only by the config that made it.
+  moved = tmp_path.parent / f'{tmp_path.name}_moved'
+  shutil.copytree(tmp_path, moved)
+  again = synthesize.load_or_run(smoke_config(teacher_dir), str(moved))
+  assert again['dataset_dir'] == str(moved / 'synthetic') and len(seen_targets) == 4
+  with pytest.raises(ValueError, match='synthesized with another config'):
+    synthesize.load_or_run(smoke_config(teacher_dir, seed=1), str(moved))
+  summary_path = moved / 'summary.json'
+  summary_path.write_text(json.dumps(dict(summary, num_images=31)))
+  with pytest.raises(ValueError, match=r'holds 32 images, but .* describes 31'):
+    synthesize.load_or_run(smoke_config(teacher_dir), str(moved))
+
 
 def test_interrupted_then_resumed_equals_uninterrupted(teacher_dir, tmp_path, monkeypatch):
   config = smoke_config(teacher_dir, label_calibration=True)
@@ -209,7 +222,7 @@ def test_bad_config_is_a_clear_error(teacher_dir, tmp_path):
 
 
 def test_two_devices_equal_one_device(teacher_dir, tmp_path):
-  """Same per-device batches on 2 simulated devices or on 1: the same dataset."""
+  """The same batches of 8 on 2 simulated devices (shards of 4) or on 1: the same dataset."""
   script = textwrap.dedent(f'''
       import sys, jax, numpy as np, tensorflow_datasets as tfds
       from configs import synthesize as cfg
@@ -217,7 +230,7 @@ def test_two_devices_equal_one_device(teacher_dir, tmp_path):
       config = cfg.get_config('smoke')
       config.teacher = {teacher_dir!r}
       config.canvas, config.window = 20, 16
-      config.batch_size = 4 * jax.local_device_count()
+      config.batch_size = 8  # loss_batch='global' (the default) pools the shards' statistics
       synthesize.run(config, sys.argv[1])
   ''')
   records = []
@@ -231,19 +244,89 @@ def test_two_devices_equal_one_device(teacher_dir, tmp_path):
   assert len(records[0]) == len(records[1]) == 32
   for a, b in zip(*records):
     assert a['round'] == b['round'] and a['target_label'] == b['target_label']
-    # Same programs on the same per-device shapes; the only difference is how XLA
-    # splits reductions over threads, which 10 Adam steps amplify: ~1e-4 on one CPU,
-    # 1.5e-3 (one logit in 320) on another (issue 24). The labels must not move.
+    # The same sums, split differently over devices and threads; 10 Adam steps amplify
+    # the rounding: ~1e-4 on one CPU, 1.5e-3 (one logit in 320) on another (issue 24).
+    # The labels must not move.
     assert a['label'] == b['label']
     np.testing.assert_allclose(a['logits'], b['logits'], rtol=1e-3, atol=5e-3)
     assert np.abs(a['image'].astype(int) - b['image'].astype(int)).max() <= 1
+
+
+_LOSS_BATCH_SCRIPT = '''
+import json, sys
+import flax.linen as nn, jax, numpy as np
+from dfnas_jax.synthesis import inversion
+
+class Teacher(nn.Module):  # two conv + BN layers: compiles in seconds
+  @nn.compact
+  def __call__(self, x, train=False):
+    for features in (4, 8):
+      x = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(features, (3, 3))(x)))
+    return nn.Dense(10)(x.mean((1, 2)))
+
+module, rng = Teacher(), np.random.default_rng(0)
+params = jax.jit(module.init)(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 3)))['params']
+stats = {f'BatchNorm_{i}': {'mean': rng.normal(0, 0.5, c).astype(np.float32),
+                            'var': rng.uniform(0.5, 2.0, c).astype(np.float32)}
+         for i, c in enumerate((4, 8))}
+n = jax.local_device_count()
+targets = np.eye(10, dtype=np.float32)[np.arange(8)].reshape(n, -1, 10)
+keys = inversion.image_keys(0, 0, np.arange(8)).reshape(n, -1, 2)
+out = {}
+for loss_batch in inversion.LOSS_BATCHES:
+  settings = inversion.Settings(canvas=12, window=8, warmup_steps=0, lr=0.1,
+                                loss_batch=loss_batch)
+  inverter = inversion.Inverter(module.apply, {'params': params, 'batch_stats': stats},
+                                (0.5,) * 3, (0.25,) * 3, settings, [(1, 2)], chunk_steps=1)
+  canvas = inverter.init_canvas_fn(keys)
+  zeros = {k: np.zeros(n, np.float32) for k in inversion.LOSS_TERMS}
+  carry = (canvas, inverter.init_optimizer_fn(2)(canvas), zeros, np.full(n, -1, np.int32), zeros)
+  terms = []  # per step, each device's terms
+  for step in range(2):
+    carry = inverter.advance(carry, targets, keys, 1, step, 1, 2)
+    terms.append({k: np.asarray(v).tolist() for k, v in carry[2].items()})
+  out[loss_batch] = {'terms': terms, 'canvas': np.asarray(carry[0]).reshape(8, -1).tolist()}
+json.dump(out, open(sys.argv[1], 'w'))
+'''
+
+
+def test_global_loss_batch_does_not_depend_on_the_device_count(tmp_path):
+  """One batch of 8 on 1 device or as 2 shards of 4: 'global' takes the same steps."""
+  runs = []
+  for devices in (1, 2):
+    # Unoptimized XLA: compiling is most of this test's time; both layouts get the same.
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+               JAX_PLATFORMS='cpu', PYTHONPATH=REPO, JAX_DISABLE_MOST_OPTIMIZATIONS='1')
+    path = tmp_path / f'{devices}.json'
+    out = subprocess.run([sys.executable, '-c', _LOSS_BATCH_SCRIPT, str(path)], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs.append(json.loads(path.read_text()))
+  one, two = runs
+  for step in (0, 1):  # the initial canvases, then after one step
+    whole, split = one['global']['terms'][step], two['global']['terms'][step]
+    for k in ('bn', 'tv_l2'):  # whole-batch terms: the same on each device
+      np.testing.assert_allclose(split[k], np.repeat(whole[k], 2), rtol=1e-5, err_msg=(step, k))
+    for k in ('main', 'tv_l1', 'l2'):  # shard means: their mean is the batch's
+      np.testing.assert_allclose(np.mean(split[k]), whole[k][0], rtol=1e-5, err_msg=(step, k))
+  # The gradient is the batch's too: the same canvases after two steps (measured 3e-6).
+  np.testing.assert_allclose(two['global']['canvas'], one['global']['canvas'], atol=1e-4)
+  # On one device 'device' is 'global'; on two, each shard's statistics are its own
+  # (measured: BN term 2e-4 off at step 0, canvases up to 0.3 apart after two steps).
+  np.testing.assert_allclose(one['device']['canvas'], one['global']['canvas'], atol=1e-5)
+  shard_bn = np.asarray(two['device']['terms'][0]['bn'])
+  whole_bn = one['global']['terms'][0]['bn'][0]
+  assert np.all(np.abs(shard_bn - whole_bn) > 5e-5 * whole_bn), (shard_bn, whole_bn)
+  assert np.abs(np.subtract(two['device']['canvas'], one['device']['canvas'])).max() > 0.03
 
 
 @pytest.mark.parametrize('soft_labels', ['teacher', 'stored'])
 def test_student_distils_from_synthetic_data(teacher_dir, data_dir, tmp_path, soft_labels):
   from configs import retrain as retrain_config
   from dfnas_jax.evaluation import retrain
-  synthetic = synthesize.run(smoke_config(teacher_dir), str(tmp_path / 'syn'))['dataset_dir']
+  # Stored logits label whole images only: canvases (regional update) need the teacher.
+  synthetic = synthesize.run(smoke_config(teacher_dir, regional_update=soft_labels == 'teacher'),
+                             str(tmp_path / 'syn'))['dataset_dir']
   config = retrain_config.get_config('smoke')
   config.dataset, config.image_size = synthetic, 16
   config.soft_labels, config.teacher = soft_labels, teacher_dir
@@ -253,6 +336,11 @@ def test_student_distils_from_synthetic_data(teacher_dir, data_dir, tmp_path, so
   assert summary['num_train_steps'] == 6 and summary['soft_labels'] == soft_labels
   assert 0.0 <= summary['eval_accuracy'] <= 1.0 and summary['eval_data'] == 'cifar10_jpeg'
   assert os.path.exists(tmp_path / 'student' / 'model' / 'variables.msgpack')
+  if soft_labels == 'teacher':  # canvases: their stored logits label the centre window only
+    config.soft_labels = 'stored'
+    with pytest.raises(ValueError, match=r"'stored' cannot teach dataset .* 20x20 canvases"):
+      retrain.run(config, str(tmp_path / 'stored'))
+    assert not (tmp_path / 'stored' / 'checkpoints').exists()
 
 
 def test_distillation_without_soft_labels_is_a_clear_error(data_dir, tmp_path):
@@ -296,3 +384,4 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_dataset(teacher_dir, tmp_path
   for a, b in zip(straight, resumed):
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
+

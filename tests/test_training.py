@@ -7,6 +7,7 @@ import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from dfnas_jax import models, teachers
@@ -181,3 +182,13 @@ def test_two_devices_match_one_device():
   out = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0 and 'OK' in out.stdout, out.stderr[-3000:]
+
+
+def test_sgd_clips_the_global_gradient_norm_before_the_step():
+  params = {'conv': {'kernel': jnp.ones((3, 3))}, 'bn': {'bias': jnp.ones((3,))}}
+  grads = jax.tree_util.tree_map(lambda p: 10.0 * p, params)  # norm 10 * sqrt(12)
+  for clip, norm in ((0.0, 10 * np.sqrt(12)), (2.0, 2.0)):
+    tx = state_lib.sgd(lambda step: 0.5, momentum=0.9, weight_decay=0.0, nesterov=False,
+                       grad_clip=clip)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert float(optax.tree.norm(updates)) == pytest.approx(0.5 * norm, rel=1e-5)

@@ -52,6 +52,9 @@ def get_builder(name: str, data_dir: Optional[str] = None,
   """
   if os.path.isdir(name):
     return tfds.builder_from_directory(name)
+  if name.startswith(('/', './', '../', '~')):
+    raise ValueError(f'Dataset directory {name} does not exist; expected a TFDS dataset '
+                     "directory (e.g. a synthesize stage's WORKDIR/synthetic) or a TFDS name.")
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:
@@ -80,6 +83,34 @@ def get_source(name: str, split: str, data_dir: Optional[str] = None,
   if num_examples == 0:
     raise ValueError(f'Split {split!r} of dataset {name!r} is empty.')
   return DataSource(builder, split, num_examples, features['label'].num_classes)
+
+
+def stored_logits_view(source: DataSource) -> Optional[Tuple[int, int]]:
+  """(image side, window) of a synthetic dataset whose stored logits are the teacher's
+  on each image's centre window x window pixels; None for other datasets."""
+  config = (source.builder.info.metadata or {}).get('config') or {}
+  if not source.has_logits or 'window' not in config:
+    return None
+  side = config['canvas'] if config.get('regional_update') else config['window']
+  return int(side), int(config['window'])
+
+
+def stored_logits_mismatch(augment: str, image_size: int, side: int,
+                           window: int) -> Optional[str]:
+  """Why the trained view is not the view the stored logits label, or None.
+
+  The stored logits label an image's centre `window`; the student must see that
+  view (resized, flipped at most) to be taught consistently (Beyer et al., 2022,
+  "Knowledge distillation: A good teacher is patient and consistent").
+  """
+  if side != window:
+    return (f'the images are {side}x{side} canvases whose logits are the teacher\'s on the '
+            f'centre {window}x{window} window, but augment={augment!r} trains on '
+            + ('the whole canvas resized' if augment in ('none', 'cifar') else 'other views'))
+  if augment == 'none' or (augment == 'crop' and image_size == side):
+    return None
+  return (f'augment={augment!r} at image_size={image_size} trains on views (crops) of the '
+          f'{side}x{side} images other than the one the stored logits label')
 
 
 def subset(source: DataSource, rows: Sequence[int]) -> DataSource:

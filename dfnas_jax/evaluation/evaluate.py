@@ -8,7 +8,16 @@ from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.train import trainer
 
 
+def check_config(config) -> None:
+  teachers.get(config.model)
+  if config.augment not in ip.AUGMENTATIONS:
+    raise ValueError(f'augment must be one of {ip.AUGMENTATIONS}, got {config.augment!r}')
+  if config.batch_size < 1:
+    raise ValueError(f'batch_size must be positive, got {config.batch_size}')
+
+
 def run(config: ml_collections.ConfigDict, workdir: str):
+  check_config(config)
   module, variables, spec = teachers.load(config.model, config.checkpoint or None)
   source = ip.get_source(config.dataset, config.split, config.data_dir, config.download)
   if source.num_classes != spec.num_classes:

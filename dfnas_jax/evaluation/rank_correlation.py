@@ -89,7 +89,8 @@ def choose_architectures(space: spos.OneShotSpace, num_classes: int, count: int,
   """
   if not 2 <= count <= pool_size:
     raise ValueError(f'num_architectures must be in [2, pool_size={pool_size}], got {count}.')
-  sampler = spos.PathSampler(space, num_classes, flops_min, flops_max)
+  # Uniform paths: a seed's pool stays the one earlier studies drew.
+  sampler = spos.PathSampler(space, num_classes, flops_min, flops_max, 'uniform')
   rng = np.random.default_rng(seed)
   pool = {sampler(rng) for _ in range(pool_size)}
   if len(pool) < count:
@@ -190,12 +191,9 @@ class Study:
   def data(self, variant: str) -> str:
     """The synthetic dataset directory of `variant` (synthesized once)."""
     if variant not in self._data:
-      sc = ml_collections.ConfigDict(self.config.synthesis.to_dict())
-      sc.teacher, sc.teacher_checkpoint = self.config.teacher, self.config.teacher_checkpoint
+      sc = common.synthesis_config(self.config)
       sc.update(VARIANTS[variant])
-      summary_path = os.path.join(self.workdir, 'data', variant, 'summary.json')
-      summary = (wd.read_json(summary_path) if os.path.exists(summary_path)
-                 else synthesize.run(sc, os.path.dirname(summary_path)))
+      summary = synthesize.load_or_run(sc, os.path.join(self.workdir, 'data', variant))
       self._data[variant] = summary['dataset_dir']
     return self._data[variant]
 
@@ -240,7 +238,8 @@ class Study:
     if variant in REAL_VARIANTS:  # real images carry no stored soft labels
       c.soft_labels, c.supernet.augment = 'teacher', c.real_augment
     model = models.build_model(c.space, train_source.num_classes, dropout=c.dropout)
-    sampler = spos.PathSampler(self.space, train_source.num_classes, c.flops_min, c.flops_max)
+    sampler = spos.PathSampler(self.space, train_source.num_classes, c.flops_min, c.flops_max,
+                               c.path_sampling)
     teacher = retrain.distillation_teacher(c.supernet.loss, c)
     start = time.time()
     supernet = spos.train_supernet(c, os.path.join(self.workdir, 'one_shot', variant), model,
@@ -278,6 +277,13 @@ def check_config(config) -> None:
   if config.stand_alone and not config.eval_dataset:
     raise ValueError('eval_dataset must name the real held-out data every ranking is scored on.')
   retrain.check_soft_labels(config)
+  stored = config.soft_labels == 'stored'
+  if config.one_shot:
+    common.check_synthesis(common.synthesis_config(config), stored, config.supernet.augment,
+                           config.supernet.image_size, per_class=config.val_per_class)
+  if config.stand_alone:
+    common.check_synthesis(common.synthesis_config(config), stored, config.synthetic_augment,
+                           config.train.image_size)
   variant_names(config)
 
 

@@ -23,19 +23,27 @@ def check_soft_labels(config) -> None:
     raise ValueError(f'soft_labels must be one of {SOFT_LABELS}, got {config.soft_labels!r}')
 
 
-def distillation_teacher(loss: str, config):
-  """(module, variables) when soft labels are the teacher's on each batch, else None.
+def check_config(config) -> None:
+  check_soft_labels(config)
+  trainer.check_config(config)
+  if config.loss == 'distillation' and config.soft_labels == 'teacher':
+    teachers.get(config.teacher)  # a bad name or directory fails before any work
 
+
+def distillation_teacher(loss: str, config):
+  """(teacher, variables) when soft labels are the teacher's on each batch, else None.
+
+  The teacher sees each batch at its own input size (`teachers.AtInputSize`).
   Uses config.soft_labels, config.teacher and config.teacher_checkpoint.
   """
   if loss == 'distillation' and config.soft_labels == 'teacher':
-    module, variables, _ = teachers.load(config.teacher, config.teacher_checkpoint or None)
-    return module, variables
+    module, variables, spec = teachers.load(config.teacher, config.teacher_checkpoint or None)
+    return teachers.AtInputSize(module, spec.image_size), variables
   return None
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
-  check_soft_labels(config)
+  check_config(config)
   train_source = ip.get_source(config.dataset, config.train_split, config.data_dir,
                                config.download)
   eval_source = (ip.get_source(config.eval_dataset, config.eval_split, config.eval_data_dir,
@@ -57,6 +65,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
       'stage': 'retrain', 'architecture': config.architecture,
       'num_params': int(sum(x.size for x in jax.tree_util.tree_leaves(state.params))),
       'train_data': config.dataset, 'train_split': config.train_split, 'loss': config.loss,
+      'label_smoothing': config.label_smoothing,
       'soft_labels': config.soft_labels if config.loss == 'distillation' else None,
       'num_train_steps': result['num_train_steps'],
       'eval_data': config.eval_dataset or None, 'eval_split': config.eval_split or None,

@@ -124,8 +124,9 @@ def parse_name(name: str) -> Tuple[str, Optional[Tuple[int, ...]]]:
   return space, SPACES[space].check(digits) if digits else None
 
 
-def _norm(train: bool, bn_momentum: float, axis_name: Optional[str], dtype, **kwargs):
-  return nn.BatchNorm(use_running_average=not train, momentum=bn_momentum, epsilon=1e-5,
+def _norm(train: bool, bn_momentum: float, axis_name: Optional[str], dtype, bn_epsilon: float,
+          **kwargs):
+  return nn.BatchNorm(use_running_average=not train, momentum=bn_momentum, epsilon=bn_epsilon,
                       dtype=dtype, axis_name=axis_name if train else None, **kwargs)
 
 
@@ -141,10 +142,11 @@ class MBConv(nn.Module):
   bn_momentum: float = 0.9
   axis_name: Optional[str] = 'batch'
   dtype: Any = jnp.float32
+  bn_epsilon: float = 1e-5
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    norm = partial(_norm, train, self.bn_momentum, self.axis_name, self.dtype)
+    norm = partial(_norm, train, self.bn_momentum, self.axis_name, self.dtype, self.bn_epsilon)
     conv1x1 = partial(nn.Conv, kernel_size=(1, 1), use_bias=False, kernel_init=conv_init,
                       dtype=self.dtype)
     y = x
@@ -192,6 +194,7 @@ class Stem(nn.Module):
   bn_momentum: float = 0.9
   axis_name: Optional[str] = 'batch'
   dtype: Any = jnp.float32
+  bn_epsilon: float = 1e-5
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -199,9 +202,10 @@ class Stem(nn.Module):
     s = self.space.stem_stride
     x = nn.Conv(self.space.stem_width, (3, 3), (s, s), padding=((1, 1), (1, 1)), use_bias=False,
                 kernel_init=conv_init, dtype=self.dtype, name='conv')(x.astype(self.dtype))
-    x = nn.relu6(_norm(train, self.bn_momentum, self.axis_name, self.dtype, name='bn')(x))
+    x = nn.relu6(_norm(train, self.bn_momentum, self.axis_name, self.dtype, self.bn_epsilon,
+                       name='bn')(x))
     return MBConv(self.space.first_width, 3, 1, 1, self.bn_momentum, self.axis_name, self.dtype,
-                  name='first_block')(x, train)
+                  self.bn_epsilon, name='first_block')(x, train)
 
 
 class Head(nn.Module):
@@ -212,12 +216,13 @@ class Head(nn.Module):
   bn_momentum: float = 0.9
   axis_name: Optional[str] = 'batch'
   dtype: Any = jnp.float32
+  bn_epsilon: float = 1e-5
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = nn.Conv(self.last_width, (1, 1), use_bias=False, kernel_init=conv_init,
                 dtype=self.dtype, name='feature_mix')(x)
-    x = nn.relu6(_norm(train, self.bn_momentum, self.axis_name, self.dtype,
+    x = nn.relu6(_norm(train, self.bn_momentum, self.axis_name, self.dtype, self.bn_epsilon,
                        name='feature_mix_bn')(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(jnp.mean(x, axis=(1, 2)))
     return nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x).astype(jnp.float32)
@@ -232,6 +237,7 @@ class ProxylessNet(nn.Module):
   bn_momentum: float = 0.9
   axis_name: Optional[str] = 'batch'
   dtype: Any = jnp.float32
+  bn_epsilon: float = 1e-5  # the reference's is 1e-3
 
   @property
   def mean(self):
@@ -244,7 +250,8 @@ class ProxylessNet(nn.Module):
   @nn.compact
   def __call__(self, images, architecture=None, gates=None, paths=None, train: bool = False):
     """Supernet: one of `architecture` [L] int, or `gates` [L, K] (with `paths` [L, K])."""
-    shared = dict(bn_momentum=self.bn_momentum, axis_name=self.axis_name, dtype=self.dtype)
+    shared = dict(bn_momentum=self.bn_momentum, axis_name=self.axis_name, dtype=self.dtype,
+                  bn_epsilon=self.bn_epsilon)
     block = partial(MBConv, **shared)
     supernet = self.choices is None
     if supernet and architecture is None and gates is None:

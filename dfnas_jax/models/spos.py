@@ -90,7 +90,8 @@ class ChoiceBlock(nn.Module):
   """A ShuffleNetV2 unit whose main branch is choice `choice` of CHOICES.
 
   Stride 1: channel shuffle splits the input; the even half passes through.
-  Stride 2: the whole input also goes through a depthwise+pointwise projection.
+  Stride 2: the whole input also goes through a depthwise+pointwise projection
+  whose depthwise kernel is the choice's (3x3 for Xception), as in the reference.
   The main branch fills the remaining output channels.
   """
   out_channels: int
@@ -119,15 +120,16 @@ class ChoiceBlock(nn.Module):
       return nn.relu(y) if relu else y
 
     channels = x.shape[-1]
+    kernel = KERNELS[self.choice] if self.choice < len(KERNELS) else 3
     if self.stride == 1:
       proj, x = x[..., 0::2], x[..., 1::2]
     else:
-      proj = conv(x, channels, 3, self.stride, depthwise=True, relu=False)
+      proj = conv(x, channels, kernel, self.stride, depthwise=True, relu=False)
       proj = conv(proj, channels)
     mid, main_out = self.out_channels // 2, self.out_channels - proj.shape[-1]
     if self.choice < len(KERNELS):
       y = conv(x, mid)
-      y = conv(y, mid, KERNELS[self.choice], self.stride, depthwise=True, relu=False)
+      y = conv(y, mid, kernel, self.stride, depthwise=True, relu=False)
       y = conv(y, main_out)
     else:
       y = conv(x, x.shape[-1], 3, self.stride, depthwise=True, relu=False)
@@ -217,6 +219,7 @@ def _block_cost(in_ch: int, out_ch: int, stride: int, side: int, choice: int,
   """(multiply-adds, parameters) of one ChoiceBlock."""
   side_out = out_side(side, stride)
   macs = params = 0
+  kernel = KERNELS[choice] if choice < len(KERNELS) else 3
 
   def conv(cin, cout, kernel, s, in_side, depthwise=False):
     nonlocal macs, params
@@ -229,12 +232,12 @@ def _block_cost(in_ch: int, out_ch: int, stride: int, side: int, choice: int,
     proj_ch, main_in = in_ch - in_ch // 2, in_ch // 2  # x[..., 0::2], x[..., 1::2]
   else:
     proj_ch, main_in = in_ch, in_ch
-    conv(in_ch, in_ch, 3, stride, side, depthwise=True)
+    conv(in_ch, in_ch, kernel, stride, side, depthwise=True)
     conv(in_ch, in_ch, 1, 1, side_out)
   mid, main_out = out_ch // 2, out_ch - proj_ch
   if choice < len(KERNELS):
     conv(main_in, mid, 1, 1, side)
-    conv(mid, mid, KERNELS[choice], stride, side, depthwise=True)
+    conv(mid, mid, kernel, stride, side, depthwise=True)
     conv(mid, main_out, 1, 1, side_out)
   else:
     conv(main_in, main_in, 3, stride, side, depthwise=True)

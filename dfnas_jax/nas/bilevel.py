@@ -1,15 +1,18 @@
 """DARTS's bilevel optimization: the architecture gradient (hypergradient).
 
 The architecture logits alpha minimize the validation loss at the weights
-w'(alpha) that one weight-optimizer step on the training loss would reach:
+w'(alpha) that one virtual weight step on the training loss would reach:
 
     min_alpha  L_val(w'(alpha), alpha),   w'(alpha) = w + update(grad_w L_train(w, alpha))
 
+The virtual step `tx` is the reference's (cnn/architect.py): the weight SGD at
+its current learning rate, from its momentum buffer, with weight decay and no
+gradient clipping, w' = w - lr (momentum * buffer + grad + weight_decay * w).
+
 `hypergradient` returns d L_val / d alpha three ways:
 - 'first_order': grad_alpha L_val(w, alpha), ignoring that w depends on alpha.
-- 'exact': JAX differentiates through the unrolled step itself (the real
-  optimizer `tx`: its momentum, weight decay, clipping and current learning
-  rate), so the second-order term is exact, not approximated.
+- 'exact': JAX differentiates through that same virtual step, so the
+  second-order term is exact, not approximated.
 - 'finite_difference': the reference's approximation, for parity:
   grad_alpha L_val(w', alpha) - lr * (grad_alpha L_train(w+, alpha)
   - grad_alpha L_train(w-, alpha)) / (2 eps), w+- = w +- eps grad_w' L_val,
@@ -33,7 +36,8 @@ LossFn = Callable[[Any, Any, Any], jax.Array]  # (params, alphas, batch) -> scal
 
 def virtual_step(loss_fn: LossFn, params, alphas, opt_state, tx: optax.GradientTransformation,
                  batch, axis_name: Optional[str] = None):
-  """The weights after one step of `tx` on loss_fn(., alphas, batch); differentiable in alphas."""
+  """The weights after one step of `tx` (from its state `opt_state`) on loss_fn(., alphas, batch);
+  differentiable in alphas."""
   grads = jax.grad(loss_fn)(params, alphas, batch)
   if axis_name:
     grads = jax.lax.pmean(grads, axis_name)

@@ -50,8 +50,18 @@ def weight_optimizer(config, total_steps: int) -> Tuple[optax.GradientTransforma
   lr_fn = optax.cosine_decay_schedule(config.learning_rate, total_steps,
                                       alpha=config.learning_rate_min / config.learning_rate)
   tx = optax.chain(optax.clip_by_global_norm(config.grad_clip),
-                   state_lib.sgd(lr_fn, config.momentum, config.weight_decay, nesterov=False))
+                   virtual_step_optimizer(config, lr_fn))
   return tx, lr_fn
+
+
+def virtual_step_optimizer(config, lr_fn: optax.Schedule) -> optax.GradientTransformation:
+  """The weight optimizer without its clipping: the hypergradient's virtual step.
+
+  The reference's virtual step (cnn/architect.py) is w - lr (momentum * buffer + grad
+  + weight_decay * w) on the unclipped gradient (decay on the kernels here, as in the
+  real step). Its state is the weight optimizer's state[1] (the clipping keeps none).
+  """
+  return state_lib.sgd(lr_fn, config.momentum, config.weight_decay, nesterov=False)
 
 
 def arch_optimizer(config) -> optax.GradientTransformation:
@@ -61,9 +71,13 @@ def arch_optimizer(config) -> optax.GradientTransformation:
 
 
 def search_step(state: common.SearchState, train_batch, val_batch, teacher_variables=None,
-                *, arch_tx: optax.GradientTransformation, learning_rate_fn, mode: str, loss: str,
-                temperature: float, teacher_apply=None):
+                *, arch_tx: optax.GradientTransformation,
+                virtual_tx: optax.GradientTransformation, learning_rate_fn, mode: str,
+                loss: str, temperature: float, teacher_apply=None):
   """One architecture step on `val_batch`, then one weight step on `train_batch`.
+
+  `virtual_tx` (`virtual_step_optimizer`) makes the hypergradient's virtual step
+  from the weight optimizer's momentum buffer.
 
   Per device shard, inside `jax.pmap(axis_name=AXIS)`; gradients are averaged
   over devices. The architecture step sees the weights before this step's
@@ -80,8 +94,8 @@ def search_step(state: common.SearchState, train_batch, val_batch, teacher_varia
     return steps.classification_loss(logits, batch, loss, 0.0, temperature).mean()
 
   val_loss, arch_grads = bilevel.hypergradient(
-      loss_fn, w.params, state.alphas, w.opt_state, w.tx, train_batch, val_batch, mode=mode,
-      learning_rate=learning_rate_fn(w.step), axis_name=AXIS)
+      loss_fn, w.params, state.alphas, w.opt_state[1], virtual_tx, train_batch, val_batch,
+      mode=mode, learning_rate=learning_rate_fn(w.step), axis_name=AXIS)
   updates, arch_opt_state = arch_tx.update(arch_grads, state.arch_opt_state, state.alphas)
   alphas = optax.apply_updates(state.alphas, updates)
 
@@ -98,7 +112,7 @@ def pmap_search_step(**kwargs):
                   donate_argnums=(0,))
 
 
-def _check(config):
+def check_config(config) -> None:
   if config.space != 'darts':
     nb201.parse_name(config.space)  # a NAS-Bench-201 network, or one clear error
     if nb201.parse_name(config.space)[2] is not None:
@@ -113,6 +127,12 @@ def _check(config):
     raise ValueError(f"darts loss must be 'distillation' or 'cross_entropy', got {config.loss!r}")
   retrain.check_soft_labels(config)
   models.compute_dtype(config.compute_dtype)  # a bad name fails before any work
+  common.check_search_data(config, config.loss, config.augment, config.image_size)
+  common.retrain_data(config)
+  made = config.synthesis.images_per_round * config.synthesis.num_rounds
+  if not config.dataset and made // 2 < config.batch_size:
+    raise ValueError(f'The synthesis makes {made} images, whose halves (weight and '
+                     f'architecture sets) are smaller than batch_size={config.batch_size}.')
 
 
 def derive(config, alphas) -> Tuple[Any, Dict[str, Any]]:
@@ -171,8 +191,9 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
   writer = trainer.make_writer(workdir)
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_secs=30)
-  p_step = pmap_search_step(arch_tx=arch_tx, learning_rate_fn=lr_fn, mode=config.mode,
-                            loss=config.loss, temperature=config.temperature,
+  p_step = pmap_search_step(arch_tx=arch_tx, virtual_tx=virtual_step_optimizer(config, lr_fn),
+                            learning_rate_fn=lr_fn, mode=config.mode, loss=config.loss,
+                            temperature=config.temperature,
                             teacher_apply=teacher and teacher[0].apply)
   extra_args = (steps.replicate(teacher[1]),) if teacher else ()
 
@@ -215,7 +236,8 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
-  _check(config)
+  check_config(config)
+  common.check_real_data(config)
   table = nasbench201.load(config.benchmark_table) if config.benchmark_table else None
   start = time.time()
   # The reference halves the training data into weight and architecture sets.
@@ -227,7 +249,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   phase_times = {'data_s': data.seconds}
   train_source, val_source = data.train, data.val
   teacher = retrain.distillation_teacher(config.loss, config)
-  trainer.require_soft_labels(config.loss, teacher, train_source)
+  trainer.require_soft_labels(config.loss, teacher, train_source, config.augment,
+                              config.image_size)
 
   t = time.time()
   result = search(config, os.path.join(workdir, 'search'), train_source, val_source, teacher)

@@ -16,10 +16,14 @@ respect to the logits is estimated from the gates' gradient,
 
   dL/dalpha_i = sum_j dL/dg_j p_j (delta_ij - p_i) = p_i (dL/dg_i - sum_j p_j dL/dg_j),
 
-over the involved candidates (their probabilities renormalized in 'two' mode,
-after which their updated logits are shifted back to their old logsumexp, so
-candidates not drawn keep their probability). The hardware term
-E[cost] = sum_l sum_i p_li cost_li is differentiable in alpha directly.
+over the involved candidates. The hardware term E[cost] = sum_l sum_i p_li cost_li
+is differentiable in alpha directly. 'two' mode follows the reference's
+MixedEdge: both p in the estimator and p in E[cost] are the drawn pair's
+probabilities renormalized between them (0 for the others), so neither term
+reaches an undrawn candidate; a layer whose active candidate is 'zero' gets no
+gradient at all; after the step the pair's logits are shifted back to their old
+logsumexp, so undrawn candidates keep their logits and probabilities. Each
+layer's logits are a parameter of their own for Adam (`layerwise`).
 
 Sampling happens inside the compiled steps, keyed by (seed, step): one compile
 serves every path, and a resumed run draws the same paths.
@@ -98,6 +102,19 @@ def gate_gradient_to_alphas(gate_grads, alphas, allowed, paths=None):
   return jnp.zeros_like(alphas).at[rows, paths].add(grads)
 
 
+def pair_probabilities(alphas, paths):
+  """[L, K]: the drawn pairs' probabilities renormalized between them, 0 elsewhere."""
+  rows = jnp.arange(alphas.shape[0])[:, None]
+  return jnp.zeros_like(alphas).at[rows, paths].set(
+      jax.nn.softmax(alphas[rows, paths], axis=-1))
+
+
+def zero_active(gates, paths):
+  """[L] bool: the layers whose active candidate of the pair is 'zero'."""
+  active = jnp.take_along_axis(paths, jnp.argmax(gates, -1)[:, None], axis=-1)[:, 0]
+  return active == space_lib.ZERO
+
+
 def rescale_involved(new_alphas, old_alphas, paths):
   """Shifts each layer's updated logits of `paths` back to their old logsumexp."""
   rows = jnp.arange(new_alphas.shape[0])[:, None]
@@ -136,19 +153,23 @@ def architecture_gradient(task_loss_fn, gates, paths, alphas, allowed, cost: lat
 
   `task_loss_fn(gates)` is the loss of the network run with those gates. The
   gates' gradient goes through the binary-gate estimator; E[cost] adds its exact
-  gradient.
+  gradient. With `paths`, E[cost] is over the pairs and layers whose active
+  candidate is zero get a zero gradient (the reference sets theirs to None).
   """
   def total(gates, alphas):
     task = task_loss_fn(gates)
-    expected = cost.expected(probabilities(alphas, allowed))
+    probs = probabilities(alphas, allowed) if paths is None else pair_probabilities(alphas, paths)
+    expected = cost.expected(probs)
     return cost_loss(task, expected), (task, expected)
 
   (value, (task, expected)), (gate_grads, direct) = jax.value_and_grad(
       total, argnums=(0, 1), has_aux=True)(gates, alphas)
   if axis_name is not None:
     gate_grads, direct = jax.lax.pmean((gate_grads, direct), axis_name)
-  return value, task, expected, direct + gate_gradient_to_alphas(gate_grads, alphas, allowed,
-                                                                 paths)
+  grads = direct + gate_gradient_to_alphas(gate_grads, alphas, allowed, paths)
+  if paths is not None:
+    grads = jnp.where(zero_active(gates, paths)[:, None], 0.0, grads)
+  return value, task, expected, grads
 
 
 # --- Steps ---------------------------------------------------------------------------
@@ -173,7 +194,10 @@ def weight_step(state: common.SearchState, batch, teacher_variables=None, *, see
 def arch_step(state: common.SearchState, batch, teacher_variables=None, *, seed: int, allowed,
               mode: str, arch_tx: optax.GradientTransformation, cost: latency.CostTable,
               cost_loss: CostLoss, loss: str, temperature: float, teacher_apply=None):
-  """One architecture update on a held-out batch, with binary gates keyed by (seed, step)."""
+  """One architecture update on a held-out batch, with binary gates keyed by (seed, step).
+
+  `arch_tx` is `layerwise`: in 'two' mode, layers whose active candidate is zero skip it.
+  """
   if teacher_apply is not None:
     batch = steps.with_teacher_targets(batch, teacher_apply, teacher_variables)
   key = jax.random.fold_in(jax.random.PRNGKey(seed + 1), state.weights.step)
@@ -187,7 +211,8 @@ def arch_step(state: common.SearchState, batch, teacher_variables=None, *, seed:
 
   value, task, expected, grads = architecture_gradient(
       task_loss, gates, paths, state.alphas, allowed, cost, cost_loss, axis_name=AXIS)
-  updates, arch_opt_state = arch_tx.update(grads, state.arch_opt_state, state.alphas)
+  skip = None if paths is None else zero_active(gates, paths)
+  updates, arch_opt_state = arch_tx.update(grads, state.arch_opt_state, state.alphas, skip=skip)
   alphas = optax.apply_updates(state.alphas, updates)
   if paths is not None:
     alphas = rescale_involved(alphas, state.alphas, paths)
@@ -196,20 +221,55 @@ def arch_step(state: common.SearchState, batch, teacher_variables=None, *, seed:
   return state.replace(alphas=alphas, arch_opt_state=arch_opt_state), m
 
 
-def arch_optimizer(config) -> optax.GradientTransformation:
-  """Reference: Adam(1e-3, betas (0, 0.999), eps 1e-8), no weight decay by default."""
-  return optax.chain(optax.add_decayed_weights(config.arch_weight_decay),
-                     optax.adam(config.arch_learning_rate, b1=config.arch_b1,
-                                b2=config.arch_b2, eps=1e-8))
+def layerwise(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+  """`tx` on each row of the [L, K] logits as a parameter of its own.
+
+  As torch.optim does with the reference's per-layer logits: every layer has its
+  own state (Adam's step count included), and `update(..., skip=[L] bool)` leaves
+  a skipped layer's logits and state as they were, like a parameter whose grad is None.
+  """
+  def update(grads, state, params=None, skip=None, **extra_args):
+    del extra_args
+    updates, new_state = jax.vmap(tx.update)(grads, state, params)
+    if skip is None:
+      return updates, new_state
+    keep = lambda old, new: jnp.where(skip.reshape(skip.shape + (1,) * (new.ndim - 1)), old, new)
+    return jnp.where(skip[:, None], 0.0, updates), jax.tree_util.tree_map(keep, state, new_state)
+
+  return optax.GradientTransformationExtraArgs(jax.vmap(tx.init), update)
+
+
+def arch_optimizer(config) -> optax.GradientTransformationExtraArgs:
+  """Reference: Adam(1e-3, betas (0, 0.999), eps 1e-8) per layer, no weight decay by default."""
+  return layerwise(optax.chain(optax.add_decayed_weights(config.arch_weight_decay),
+                               optax.adam(config.arch_learning_rate, b1=config.arch_b1,
+                                          b2=config.arch_b2, eps=1e-8)))
 
 
 def weight_schedule(config, warmup_steps: int, search_steps: int) -> optax.Schedule:
-  """Cosine over the warm-up, then a fresh cosine over the search (reference)."""
+  """Cosine over the warm-up from `warmup_learning_rate` (<= 0: `learning_rate`), then
+  a fresh cosine from `learning_rate` over the search (reference)."""
   search = optax.cosine_decay_schedule(config.learning_rate, search_steps)
   if not warmup_steps:
     return search
+  peak = config.warmup_learning_rate if config.warmup_learning_rate > 0 else config.learning_rate
   return optax.join_schedules(
-      [optax.cosine_decay_schedule(config.learning_rate, warmup_steps), search], [warmup_steps])
+      [optax.cosine_decay_schedule(peak, warmup_steps), search], [warmup_steps])
+
+
+def weight_optimizer(config, lr_fn: optax.Schedule) -> optax.GradientTransformation:
+  """Nesterov SGD; weight decay on kernels only, or on every parameter (reference)."""
+  if not config.decay_all_weights:
+    return state_lib.sgd(lr_fn, config.momentum, config.weight_decay, config.nesterov)
+  return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                     optax.sgd(lr_fn, momentum=config.momentum, nesterov=config.nesterov))
+
+
+def arch_steps_until(config, warmup_steps: int, steps_per_epoch: int, step: int) -> int:
+  """Architecture steps (= validation batches) in steps 1..step: every
+  `arch_update_every` weight steps, from `arch_start_epoch` search epochs on."""
+  first = warmup_steps + config.arch_start_epoch * steps_per_epoch
+  return max(0, step - first) // config.arch_update_every
 
 
 def cost_setup(config, space: space_lib.SearchSpace, num_classes: int,
@@ -232,7 +292,7 @@ def cost_setup(config, space: space_lib.SearchSpace, num_classes: int,
                          config.add_linear_lambda)
 
 
-def _check(config):
+def check_config(config) -> None:
   checks = {'binary_mode': (config.binary_mode, BINARY_MODES),
             'cost_model': (config.cost_model, latency.KINDS + ('none',)),
             'cost_loss': (config.cost_loss, COST_LOSSES),
@@ -248,8 +308,14 @@ def _check(config):
   if config.num_epochs < 1 or config.warmup_epochs < 0:
     raise ValueError(f'Need num_epochs >= 1 and warmup_epochs >= 0, got {config.num_epochs} '
                      f'and {config.warmup_epochs}')
+  if not 0 <= config.arch_start_epoch < config.num_epochs:
+    raise ValueError(f'arch_start_epoch must be in [0, num_epochs={config.num_epochs}), '
+                     f'got {config.arch_start_epoch}')
   retrain.check_soft_labels(config)
   models.compute_dtype(config.compute_dtype)  # a bad name fails before any work
+  common.check_search_data(config, config.loss, config.augment,
+                           space_lib.SPACES[config.space].image_size, config.val_per_class)
+  common.retrain_data(config)
 
 
 # --- The search ----------------------------------------------------------------------
@@ -273,10 +339,11 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
   warmup_steps = config.warmup_epochs * steps_per_epoch
   num_steps = warmup_steps + config.num_epochs * steps_per_epoch
   lr_fn = weight_schedule(config, warmup_steps, num_steps - warmup_steps)
-  tx = state_lib.sgd(lr_fn, config.momentum, config.weight_decay, config.nesterov)
+  tx = weight_optimizer(config, lr_fn)
   arch_tx = arch_optimizer(config)
   model = space_lib.ProxylessNet(space, train_source.num_classes, dropout=config.dropout,
-                                 dtype=models.compute_dtype(config.compute_dtype))
+                                 dtype=models.compute_dtype(config.compute_dtype),
+                                 bn_epsilon=config.bn_epsilon)
   weight_rng, alpha_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   alphas = config.arch_init_std * jax.random.normal(alpha_rng, allowed.shape)
   state = common.SearchState(
@@ -284,8 +351,7 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
       alphas=alphas, arch_opt_state=arch_tx.init(alphas))
   mngr, state, start_step, history = common.restore_search(workdir, config, state, num_steps)
 
-  def arch_steps_until(step):  # architecture steps (= validation batches) in steps 1..step
-    return max(0, step - warmup_steps) // config.arch_update_every
+  arch_steps = functools.partial(arch_steps_until, config, warmup_steps, steps_per_epoch)
 
   teacher_apply = teacher and teacher[0].apply
   extra_args = (steps.replicate(teacher[1]),) if teacher else ()
@@ -303,7 +369,7 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
         ip.train_batches(source, config.batch_size, space.image_size, config.augment, seed,
                          start_step=start), 2)
   train_data = batches(train_source, config.seed, start_step)
-  val_data = batches(val_source, config.seed + 1, arch_steps_until(start_step))
+  val_data = batches(val_source, config.seed + 1, arch_steps(start_step))
   # Each epoch scores the argmax architecture on the held-out split with BN
   # statistics recalibrated for it: the running ones mix every sampled path.
   calibration = ip.train_batches(train_source, config.batch_size, space.image_size,
@@ -322,7 +388,7 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
       rstate, m = p_weight_step(rstate, next(train_data), *extra_args)
       m = flax.jax_utils.unreplicate(m)
       train_window = m if train_window is None else train_window.merge(m)
-      if arch_steps_until(step) > arch_steps_until(step - 1):
+      if arch_steps(step) > arch_steps(step - 1):
         rstate, m = p_arch_step(rstate, next(val_data), *extra_args)
         m = flax.jax_utils.unreplicate(m)
         arch_window = m if arch_window is None else arch_window.merge(m)
@@ -359,7 +425,7 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
   writer.flush()
   final = jax.device_get(flax.jax_utils.unreplicate(rstate))
   return {'alphas': np.asarray(final.alphas), 'history': history, 'num_steps': num_steps,
-          'warmup_steps': warmup_steps, 'arch_steps': arch_steps_until(num_steps),
+          'warmup_steps': warmup_steps, 'arch_steps': arch_steps(num_steps),
           'steps_per_epoch': steps_per_epoch, 'wall_time_s': time.time() - start_time}
 
 
@@ -369,15 +435,17 @@ def derive(alphas, allowed) -> Tuple[int, ...]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
-  _check(config)
+  check_config(config)
+  common.check_real_data(config)
   start = time.time()
   data = common.search_data(config, workdir, per_class=config.val_per_class)
   phase_times = {'data_s': data.seconds}
   train_source, val_source = data.train, data.val
   num_classes = train_source.num_classes
   teacher = retrain.distillation_teacher(config.loss, config)
-  trainer.require_soft_labels(config.loss, teacher, train_source)
   space = space_lib.SPACES[config.space]
+  trainer.require_soft_labels(config.loss, teacher, train_source, config.augment,
+                              space.image_size)
 
   t = time.time()
   cost, cost_loss = cost_setup(config, space, num_classes, workdir)

@@ -1,7 +1,7 @@
 """Stage `spos`: data-free Single Path One-Shot NAS, end to end.
 
   synthesize (or reuse)  ->  split: supernet-train / search-validation
-  -> supernet training (one uniformly sampled path per step, distillation)
+  -> supernet training (one path per step, FLOPs bins drawn uniformly, distillation)
   -> evolutionary search (BN recalibration + held-out accuracy per candidate)
   -> retrain the best architecture from scratch -> evaluate on real data
 
@@ -61,13 +61,30 @@ def one_shot_space(name: str) -> OneShotSpace:
                       lambda a: spos_lib.architecture_name(name, a))
 
 
+PATH_SAMPLING = ('flops_uniform', 'uniform')
+FLOPS_BINS = 7  # the reference cuts its 290-360 MFLOPs band into 10 MFLOPs bins
+MAX_HALF_PATHS = 2 ** 22  # 'flops_uniform' keeps num_bins + 3 int64 arrays of up to this size
+
+
 class PathSampler:
-  """Uniform paths, redrawn until their FLOPs fall in [flops_min, flops_max] (MFLOPs)."""
+  """Paths whose FLOPs lie in [flops_min, flops_max] (MFLOPs; <= 0: unbounded).
+
+  'flops_uniform', the reference's supernet training: the band is cut into
+  `num_bins` equal bins, a bin holding at least one path is drawn uniformly, then
+  a path uniformly among the bin's, so cheap and costly paths train about as often
+  as the far more numerous mid-FLOPs ones. 'uniform': uniform paths, redrawn until
+  they fall in the band.
+  """
 
   def __init__(self, space: OneShotSpace, num_classes: int, flops_min: float,
-               flops_max: float, max_tries: int = 10000):
-    self.space, self.num_classes = space, num_classes
+               flops_max: float, mode: str = 'flops_uniform', num_bins: int = FLOPS_BINS,
+               max_tries: int = 10000):
+    if mode not in PATH_SAMPLING:
+      raise ValueError(f'path_sampling={mode!r}: expected one of {PATH_SAMPLING}.')
+    self.space, self.num_classes, self.mode = space, num_classes, mode
     self.flops_min, self.flops_max, self.max_tries = flops_min, flops_max, max_tries
+    if mode == 'flops_uniform':
+      self._count_bins(num_bins)
 
   def mflops(self, arch: Arch) -> float:
     return self.space.cost(arch, self.num_classes)[0] / 1e6
@@ -76,16 +93,84 @@ class PathSampler:
     f = self.mflops(arch)
     return f >= self.flops_min and (self.flops_max <= 0 or f <= self.flops_max)
 
+  def _no_path(self, where: str) -> ValueError:
+    uniform = [self.mflops((c,) * self.space.num_layers) for c in range(self.space.num_choices)]
+    return ValueError(f'No path {where} has FLOPs in [{self.flops_min}, {self.flops_max}] M; '
+                      'widen the band (paths using one choice everywhere cost '
+                      f'{", ".join(f"{u:.2f}" for u in uniform)} M).')
+
+  def _count_bins(self, num_bins: int):
+    """Counts the paths of every bin exactly, by meeting in the middle.
+
+    A path's multiply-adds are a constant plus one term per layer (its choice's),
+    so with every sum `a` of the first half's terms and the sorted sums `b` of the
+    second half's, the paths of a bin that start with `a` are one contiguous run
+    of `b`: a bin's count is two binary searches per `a`, and its u-th path is
+    found by two more. The reference instead rejects uniform paths until one
+    lands in the drawn bin (500 tries, then any path): exact too, but a draw takes
+    about 1 / (the bin's share of all paths) tries (spos_imagenet's 290-300 M bin
+    holds 1.1% of them) and an empty bin cannot be told from a rare one.
+    """
+    n, c = self.space.num_layers, self.space.num_choices
+    self._half = n // 2
+    if c ** (n - self._half) > MAX_HALF_PATHS:
+      raise ValueError(f'{c}**{n - self._half} half paths are too many for '
+                       "path_sampling='flops_uniform'; use 'uniform'.")
+    macs = lambda arch: self.space.cost(tuple(arch), self.num_classes)[0]
+    base = macs([0] * n)
+    terms = np.zeros((n, c), np.int64)
+    for i in range(n):
+      for choice in range(1, c):
+        terms[i, choice] = macs([0] * i + [choice] + [0] * (n - i - 1)) - base
+    if any(macs([choice] * n) != base + terms[:, choice].sum() for choice in range(c)):
+      raise ValueError(f"Space {self.space.name!r}: FLOPs are not a sum over layers, which "
+                       "path_sampling='flops_uniform' needs; use 'uniform'.")
+
+    def sums(rows):  # every combination, the first row's choice the most significant digit
+      total = np.zeros(1, np.int64)
+      for row in rows:
+        total = (total[:, None] + row).ravel()
+      return total
+
+    self._a = base + sums(terms[:self._half])
+    b = sums(terms[self._half:])
+    self._b_order = np.argsort(b, kind='stable')
+    self._b = b[self._b_order]
+    lo = self.flops_min * 1e6 if self.flops_min > 0 else self._a.min() + self._b[0]
+    hi = self.flops_max * 1e6 if self.flops_max > 0 else self._a.max() + self._b[-1]
+    # Bin k holds the multiply-adds in [edges[k], edges[k + 1]), integers (so are the
+    # sums; searches compare integers), the last bin up to hi included.
+    self._edges = np.ceil(np.linspace(lo, hi, num_bins + 1)).astype(np.int64)
+    self._edges[-1] = int(np.floor(hi)) + 1
+    starts = [np.searchsorted(self._b, e - self._a) for e in self._edges]
+    self._cumulative = [np.cumsum(s1 - s0) for s0, s1 in zip(starts, starts[1:])]
+    self.bin_counts = [int(cum[-1]) for cum in self._cumulative]
+    self._bins = [k for k, count in enumerate(self.bin_counts) if count > 0]  # < 0 if min > max
+    if not self._bins:
+      raise self._no_path('of the space')
+
+  def bin_of(self, arch: Arch) -> int:
+    """The 'flops_uniform' bin of a path of the band."""
+    return int(np.searchsorted(self._edges, self.space.cost(arch, self.num_classes)[0],
+                               'right')) - 1
+
   def __call__(self, rng: np.random.Generator) -> Arch:
+    n, c = self.space.num_layers, self.space.num_choices
+    if self.mode == 'flops_uniform':
+      k = self._bins[rng.integers(len(self._bins))]
+      cumulative = self._cumulative[k]
+      u = int(rng.integers(cumulative[-1]))  # the u-th path of the bin, ordered by (a, b)
+      i = int(np.searchsorted(cumulative, u, 'right'))
+      start = np.searchsorted(self._b, self._edges[k] - self._a[i])
+      j = self._b_order[start + u - (cumulative[i - 1] if i else 0)]
+      digits = (np.unravel_index(i, (c,) * self._half)
+                + np.unravel_index(j, (c,) * (n - self._half)))
+      return tuple(int(d) for d in digits)
     for _ in range(self.max_tries):
-      arch = tuple(int(c) for c in rng.integers(self.space.num_choices,
-                                                size=self.space.num_layers))
+      arch = tuple(int(x) for x in rng.integers(c, size=n))
       if self.valid(arch):
         return arch
-    uniform = [self.mflops((c,) * self.space.num_layers) for c in range(self.space.num_choices)]
-    raise ValueError(f'No path in {self.max_tries} uniform draws has FLOPs in '
-                     f'[{self.flops_min}, {self.flops_max}] M; widen the band (paths using one '
-                     f'choice everywhere cost {", ".join(f"{u:.2f}" for u in uniform)} M).')
+    raise self._no_path(f'in {self.max_tries} uniform draws')
 
 
 def train_supernet(config, workdir: str, model, train_source: ip.DataSource,
@@ -118,22 +203,37 @@ def subnet_evaluator(config, model, variables, train_source: ip.DataSource,
   return common.SubnetEvaluator(model, variables, calibration, held_out)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str):
-  start = time.time()
-  dtype = models.compute_dtype(config.compute_dtype)  # a bad name fails before synthesis
-  table = nasbench201.load(config.benchmark_table) if config.benchmark_table else None
+def check_config(config) -> None:
+  models.compute_dtype(config.compute_dtype)
   space = one_shot_space(config.space)
+  if config.path_sampling not in PATH_SAMPLING:
+    raise ValueError(f'path_sampling={config.path_sampling!r}: expected one of {PATH_SAMPLING}.')
   if space.image_size != config.supernet.image_size:
     raise ValueError(f'Space {config.space!r} is for {space.image_size} px inputs but '
                      f'supernet.image_size is {config.supernet.image_size}.')
-  if table is not None and space.choice_names != nb201.OPS:
+  if config.benchmark_table and space.choice_names != nb201.OPS:
     raise ValueError(f'benchmark_table is a NAS-Bench-201 table, but space={config.space!r} '
                      "is not a NAS-Bench-201 space ('nb201' or 'nb201-<C>x<N>').")
+  retrain.check_soft_labels(config)
+  trainer.check_config(config.supernet)
+  s = config.supernet
+  common.check_search_data(config, s.loss, s.augment, s.image_size, per_class=config.val_per_class)
+  common.retrain_data(config)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str):
+  start = time.time()
+  check_config(config)  # before the table, the synthesis and the supernet
+  common.check_real_data(config)
+  dtype = models.compute_dtype(config.compute_dtype)
+  table = nasbench201.load(config.benchmark_table) if config.benchmark_table else None
+  space = one_shot_space(config.space)
   data = common.search_data(config, workdir, per_class=config.val_per_class)
   phase_times = {'data_s': data.seconds}
   train_source, val_source = data.train, data.val
   num_classes = train_source.num_classes
-  sampler = PathSampler(space, num_classes, config.flops_min, config.flops_max)
+  sampler = PathSampler(space, num_classes, config.flops_min, config.flops_max,
+                        config.path_sampling)
 
   teacher = retrain.distillation_teacher(config.supernet.loss, config)
 
@@ -154,7 +254,9 @@ def run(config: ml_collections.ConfigDict, workdir: str):
 
   search = evolution.EvolutionarySearch(
       evolution.EvolutionSettings(**config.search.to_dict()), space.num_layers,
-      space.num_choices, valid=searchable, score=evaluator, sample=sampler,
+      space.num_choices, valid=searchable, score=evaluator,
+      # The reference's search draws its random candidates uniformly, not by FLOPs bin.
+      sample=PathSampler(space, num_classes, config.flops_min, config.flops_max, 'uniform'),
       seed=config.seed, state_path=os.path.join(workdir, 'search', 'state.json'))
   best, best_accuracy = search.run()
   phase_times['search_s'] = time.time() - t

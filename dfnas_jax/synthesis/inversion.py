@@ -3,8 +3,12 @@
 Each device holds its own shard of canvases (per-device batch) and runs whole
 chunks of steps as one `lax.fori_loop` dispatch with donated buffers; the host
 only looks at the loss terms between chunks. Randomness (initial noise, window
-offsets, flips) comes from one PRNG key per image, so an image's fate does not
-depend on the device layout, the batch it sits in or the host.
+offsets, flips) comes from one PRNG key per image, so it does not depend on the
+device layout, the batch an image sits in or the host. The BN-statistics and
+TV-l2 terms couple the images of a batch: with `loss_batch='global'` they (and
+the gradient) are the whole batch's on any number of devices, so the result does
+not depend on the device count (up to rounding); with 'device', each device's shard
+is its own batch.
 
 Canvases live in the teacher's normalized input space (as in the reference:
 N(0, 1) initialization, reference learning rates), clipped after every step to
@@ -24,6 +28,7 @@ from dfnas_jax.synthesis import losses
 
 AXIS = 'batch'
 LOSS_TERMS = ('main', 'bn', 'tv_l2', 'tv_l1', 'l2')
+LOSS_BATCHES = ('global', 'device')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +47,7 @@ class Settings:
   weights: Tuple[Tuple[str, float], ...] = (
       ('main', 1.0), ('bn', 0.01), ('tv_l2', 1e-4), ('tv_l1', 0.0), ('l2', 1e-5))
   first_bn_multiplier: float = 10.0
+  loss_batch: str = 'global'  # batch-coupled terms over the whole batch | each device's shard
 
   def __post_init__(self):
     if self.regional_update and self.canvas < self.window:
@@ -52,6 +58,8 @@ class Settings:
     unknown = set(dict(self.weights)) - set(LOSS_TERMS)
     if unknown:
       raise ValueError(f'Unknown loss terms {sorted(unknown)}; known: {LOSS_TERMS}')
+    if self.loss_batch not in LOSS_BATCHES:
+      raise ValueError(f'loss_batch must be one of {LOSS_BATCHES}, got {self.loss_batch!r}')
 
 
 def image_keys(seed: int, round_index: int, image_indices: np.ndarray) -> jax.Array:
@@ -133,17 +141,19 @@ class Inverter:
 
   # --- per-device functions (run under pmap) ---
 
-  def loss_terms(self, canvas, targets, offsets, flips, variables, factor: int):
+  def loss_terms(self, canvas, targets, offsets, flips, variables, factor: int,
+                 axis_name: Optional[str] = None):
+    """(weighted total, terms); BN statistics and TV-l2 across `axis_name`'s devices if given."""
     s = self.settings
     x = view(canvas, offsets, flips, factor, s)
     weights = dict(s.weights)
     if weights.get('bn', 0.0):
       logits, stats = losses.apply_with_bn_statistics(self.apply_fn, variables,
-                                                      x * self.std + self.mean)
+                                                      x * self.std + self.mean, axis_name)
       bn = losses.bn_statistics_loss(stats, s.first_bn_multiplier)
     else:
       logits, bn = self.apply_fn(variables, x * self.std + self.mean, train=False), 0.0
-    tv_l1, tv_l2 = losses.total_variation(x)
+    tv_l1, tv_l2 = losses.total_variation(x, axis_name)
     terms = {'main': losses.soft_cross_entropy(logits, targets), 'bn': jnp.asarray(bn),
              'tv_l2': tv_l2, 'tv_l1': tv_l1, 'l2': losses.image_l2(x)}
     total = sum(weights.get(k, 0.0) * v for k, v in terms.items())
@@ -163,8 +173,14 @@ class Inverter:
     tx = self.optimizer(stage_steps)
     lo, hi = -self.mean / self.std, (1.0 - self.mean) / self.std
     offsets, flips = sample_views(keys, step, factor, self.settings)
+    axis_name = AXIS if self.settings.loss_batch == 'global' else None
     (_, terms), grad = jax.value_and_grad(self.loss_terms, has_aux=True)(
-        canvas, targets, offsets, flips, variables, factor)
+        canvas, targets, offsets, flips, variables, factor, axis_name)
+    if axis_name:
+      # pmap's gradient is that of the devices' summed losses: N copies of each whole-batch
+      # term and N whole-batch means. Divided by N it is the one-batch gradient on any
+      # number of devices (Adam's eps sees its scale).
+      grad = grad / jax.lax.psum(1, axis_name)
     updates, opt_state = tx.update(grad, opt_state, canvas)
     canvas = jnp.clip(optax.apply_updates(canvas, updates), lo, hi)
     # Keep the terms of the first non-finite step: later steps are all NaN.
@@ -249,10 +265,13 @@ class Inverter:
     (uint8 canvases, logits), both [devices, per_device, ...] numpy arrays.
     """
     canvas = self.init_canvas_fn(keys)
-    targets = jnp.asarray(targets, jnp.float32)
     n = canvas.shape[0]
-    no_terms = {k: jnp.zeros((n,), jnp.float32) for k in LOSS_TERMS}
-    bad_step = jnp.full((n,), -1, jnp.int32)
+    # Every input placed as the step's outputs are (one shard per device): an input
+    # placed otherwise would compile the step a second time.
+    shard = lambda x: jax.device_put(x, canvas.sharding)
+    targets, keys = shard(np.asarray(targets, np.float32)), shard(keys)
+    no_terms = {k: shard(np.zeros((n,), np.float32)) for k in LOSS_TERMS}
+    bad_step = shard(np.full((n,), -1, np.int32))
     done = 0
     for factor, stage_steps in self.stages:
       carry = (canvas, self.init_optimizer_fn(stage_steps)(canvas), no_terms, bad_step, no_terms)

@@ -4,16 +4,21 @@ The BatchNorm-statistics term is captured generically: an interceptor sees the
 input of every `nn.BatchNorm` call of any zoo teacher, in forward order, and
 compares its batch statistics with that layer's running statistics.
 """
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 
-def apply_with_bn_statistics(apply_fn: Callable, variables, images) -> Tuple[jax.Array, List]:
+def apply_with_bn_statistics(apply_fn: Callable, variables, images,
+                             axis_name: Optional[str] = None) -> Tuple[jax.Array, List]:
   """Teacher logits (inference mode) and, per BatchNorm layer in forward order,
-  (batch mean, biased batch var, running mean, running var) of the layer's input."""
+  (batch mean, biased batch var, running mean, running var) of the layer's input.
+
+  With `axis_name` (inside `pmap`, equal shards per device) the batch statistics
+  are those of the whole batch across the devices of that axis.
+  """
   stats = []
 
   def interceptor(next_fun, args, kwargs, context):
@@ -22,6 +27,12 @@ def apply_with_bn_statistics(apply_fn: Callable, variables, images) -> Tuple[jax
       axes = tuple(range(x.ndim - 1))  # (N, H, W)
       mean = x.mean(axes)
       var = jnp.mean(jnp.square(x - mean), axes)
+      if axis_name is not None:
+        # E[x^2] - E[x]^2 of the whole batch, combined from the shards' centred moments
+        # (no cancellation; on one device exactly the shard's own statistics).
+        global_mean = jax.lax.pmean(mean, axis_name)
+        var = jax.lax.pmean(var + jnp.square(mean - global_mean), axis_name)
+        mean = global_mean
       stats.append((mean, var, context.module.get_variable('batch_stats', 'mean'),
                     context.module.get_variable('batch_stats', 'var')))
     return next_fun(*args, **kwargs)
@@ -40,12 +51,18 @@ def bn_statistics_loss(stats, first_bn_multiplier: float) -> jax.Array:
   return first_bn_multiplier * terms[0] + sum(terms[1:])
 
 
-def total_variation(x) -> Tuple[jax.Array, jax.Array]:
-  """(TV_l1, TV_l2) over horizontal, vertical and both diagonal neighbour differences."""
+def total_variation(x, axis_name: Optional[str] = None) -> Tuple[jax.Array, jax.Array]:
+  """(TV_l1, TV_l2) over horizontal, vertical and both diagonal neighbour differences.
+
+  TV_l2 sums norms over the whole batch; with `axis_name`, over all its devices' shards.
+  """
   diffs = [x[:, :, :-1] - x[:, :, 1:], x[:, :-1, :] - x[:, 1:, :],
            x[:, 1:, :-1] - x[:, :-1, 1:], x[:, :-1, :-1] - x[:, 1:, 1:]]
   tv_l1 = sum(jnp.mean(jnp.abs(d)) for d in diffs)
-  tv_l2 = sum(jnp.linalg.norm(d.ravel()) for d in diffs)
+  if axis_name is None:
+    tv_l2 = sum(jnp.linalg.norm(d.ravel()) for d in diffs)
+  else:
+    tv_l2 = sum(jnp.sqrt(jax.lax.psum(jnp.sum(jnp.square(d)), axis_name)) for d in diffs)
   return tv_l1, tv_l2
 
 

@@ -10,14 +10,17 @@ Work is done and saved one batch at a time (one TFRecord shard per batch), so a
 killed run resumes at the first missing shard; with the same seed the dataset is
 identical to that of an uninterrupted run.
 """
+import hashlib
 import json
 import os
 import time
+from typing import Optional
 
 import jax
 import ml_collections
 from jax.experimental import multihost_utils
 import numpy as np
+import tensorflow_datasets as tfds
 from absl import logging
 from clu import periodic_actions
 
@@ -46,7 +49,7 @@ def inversion_settings(config) -> inversion.Settings:
       weights=(('main', config.main_weight), ('bn', config.bn_weight),
                ('tv_l2', config.tv_l2_weight), ('tv_l1', config.tv_l1_weight),
                ('l2', config.l2_weight)),
-      first_bn_multiplier=config.first_bn_multiplier)
+      first_bn_multiplier=config.first_bn_multiplier, loss_batch=config.loss_batch)
 
 
 def resolution_stages(config):
@@ -58,9 +61,17 @@ def resolution_stages(config):
   return [(1, config.low_res_steps + config.full_res_steps)]
 
 
-def check_config(config, num_local_devices: int, num_processes: int):
+def check_config(config, num_local_devices: Optional[int] = None,
+                 num_processes: Optional[int] = None) -> None:
+  """Checks against this job's devices and processes unless told others."""
+  num_local_devices = num_local_devices or jax.local_device_count()
+  num_processes = num_processes or jax.process_count()
+  teachers.get(config.teacher)  # a bad name or directory fails before any work
   if config.method not in METHODS:
     raise ValueError(f'method must be one of {METHODS}, got {config.method!r}')
+  if config.batch_size < 1 or config.images_per_round < 1:
+    raise ValueError(f'batch_size and images_per_round must be positive, got '
+                     f'{config.batch_size} and {config.images_per_round}.')
   if config.batch_size % num_local_devices:
     raise ValueError(f'batch_size={config.batch_size} must be divisible by the number of '
                      f'local devices ({num_local_devices}).')
@@ -74,6 +85,45 @@ def check_config(config, num_local_devices: int, num_processes: int):
     raise ValueError(f'num_rounds must be >= 1, got {config.num_rounds}')
 
 
+# Fields that change how a run is shown or split into dispatches, not the images.
+_NOT_IN_FINGERPRINT = ('stage', 'output_dir', 'chunk_steps', 'preview_images')
+
+
+def fingerprint(config) -> str:
+  """A hash of every config field that determines the dataset."""
+  fields = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
+  return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def output_dir(config, workdir: str) -> str:
+  return os.path.abspath(config.output_dir or os.path.join(workdir, 'synthetic'))
+
+
+def load_or_run(config: ml_collections.ConfigDict, workdir: str):
+  """The summary of the dataset `config` synthesizes into `workdir`: reused when its
+  summary exists there (after checking that it is this config's, complete, where this
+  work directory says), else synthesized (resuming whatever shards exist)."""
+  summary_path = os.path.join(workdir, 'summary.json')
+  if not os.path.exists(summary_path):
+    return run(config, workdir)
+  summary = wd.read_json(summary_path)
+  if summary.get('config_fingerprint') != fingerprint(config):
+    raise ValueError(f'{workdir} holds a dataset synthesized with another config (fingerprint '
+                     f'{summary.get("config_fingerprint")}, this config {fingerprint(config)}): '
+                     'use another work directory, or delete that one to synthesize anew.')
+  directory = output_dir(config, workdir)  # not the summary's path: work directories move
+  try:
+    num_examples = tfds.builder_from_directory(directory).info.splits['train'].num_examples
+  except Exception as e:  # missing or unreadable metadata
+    raise ValueError(f'{summary_path} describes a dataset in {directory}, but that is not a '
+                     f'complete TFDS dataset ({e}).') from e
+  if num_examples != summary['num_images']:
+    raise ValueError(f'{directory} holds {num_examples} images, but {summary_path} describes '
+                     f'{summary["num_images"]}.')
+  logging.info('Reusing the synthetic dataset in %s.', directory)
+  return dict(summary, dataset_dir=directory)
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
   z = np.exp(logits - logits.max(-1, keepdims=True))
   return z / z.sum(-1, keepdims=True)
@@ -81,17 +131,17 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def run(config: ml_collections.ConfigDict, workdir: str):
   start_time = time.time()
-  module, variables, spec = teachers.load(config.teacher, config.teacher_checkpoint or None,
-                                          dtype=models.compute_dtype(config.compute_dtype))
   n_dev, n_proc = jax.local_device_count(), jax.process_count()
   check_config(config, n_dev, n_proc)
+  module, variables, spec = teachers.load(config.teacher, config.teacher_checkpoint or None,
+                                          dtype=models.compute_dtype(config.compute_dtype))
   batch = config.batch_size  # a host makes whole batches (shards) on its local devices
   batches_per_round = config.images_per_round // config.batch_size
   num_shards = config.num_rounds * batches_per_round
   settings = inversion_settings(config)
   stages = resolution_stages(config)
   steps_per_batch = sum(steps for _, steps in stages)
-  out_dir = config.output_dir or os.path.join(workdir, 'synthetic')
+  out_dir = output_dir(config, workdir)
   writer = ShardWriter(out_dir, num_shards, spec.num_classes, settings.canvas)
   inverter = inversion.Inverter(module.apply, variables, module.mean, module.std, settings,
                                 stages, config.chunk_steps)
@@ -166,7 +216,8 @@ def _summarize(config, workdir, writer, spec, num_shards, wall_time):
                    os.path.join(workdir, 'preview.png'))
   summary = {
       'stage': 'synthesize', 'teacher': spec.name, 'method': config.method,
-      'dataset_dir': writer.directory, 'num_images': int(len(logits)),
+      'dataset_dir': writer.directory, 'config_fingerprint': fingerprint(config),
+      'num_images': int(len(logits)),
       'num_rounds': config.num_rounds, 'image_size': int(first['image'].shape[1]),
       'label_calibration': config.label_calibration, 'regional_update': config.regional_update,
       'multi_resolution': config.multi_resolution,

@@ -35,8 +35,13 @@ class Teacher:
   weights: Optional[str]  # file in WEIGHTS_DIR; None: the user supplies a checkpoint
   description: str = ''
   class_names: Optional[Tuple[str, ...]] = None
+  # The per-channel input normalization it was trained with; None: the architecture's.
+  mean: Optional[Tuple[float, ...]] = None
+  std: Optional[Tuple[float, ...]] = None
 
   def module(self, dtype: Any = jnp.float32, **overrides) -> nn.Module:
+    if self.mean is not None:
+      overrides = dict(mean=self.mean, std=self.std, **overrides)
     return models.build_model(self.architecture, self.num_classes, dtype=dtype, **overrides)
 
 
@@ -50,7 +55,33 @@ TEACHERS: Dict[str, Teacher] = {t.name: t for t in [
 ]}
 
 
+@dataclasses.dataclass(frozen=True)
+class AtInputSize:
+  """A teacher whose `apply` first resizes images to its input size, so it labels a
+  student's view of any size as it would see that view."""
+  module: nn.Module
+  image_size: int
+
+  def apply(self, variables, images, train: bool = False):
+    n, height, width, channels = images.shape
+    if (height, width) != (self.image_size, self.image_size):
+      images = jax.image.resize(images, (n, self.image_size, self.image_size, channels),
+                                'bilinear')
+    return self.module.apply(variables, images, train=train)
+
+
 def get(name: str) -> Teacher:
+  """The description of a zoo teacher or of a trained-model directory (no weights read)."""
+  if os.path.isdir(name):
+    spec_path = os.path.join(name, MODEL_JSON)
+    if not os.path.isfile(spec_path):
+      raise FileNotFoundError(f'{name} is a directory but has no {MODEL_JSON}; expected a '
+                              'directory written by the teacher or retrain stage.')
+    with open(spec_path) as f:
+      fields = json.load(f)
+    for key in ('class_names', 'mean', 'std'):
+      fields[key] = fields.get(key) and tuple(fields[key])
+    return Teacher(**fields)
   if name not in TEACHERS:
     raise ValueError(f'Unknown teacher {name!r}; known teachers: {sorted(TEACHERS)} '
                      f'(or a directory holding {MODEL_JSON} and {VARIABLES}).')
@@ -72,19 +103,9 @@ def load(name: str, checkpoint: Optional[str] = None,
   `checkpoint` overrides the weights: a `.msgpack` of Flax variables or a
   torchvision-style state dict (`.pth`/`.pt`, `.npz`, `.safetensors`).
   """
-  if os.path.isdir(name):
-    spec_path = os.path.join(name, MODEL_JSON)
-    if not os.path.isfile(spec_path):
-      raise FileNotFoundError(f'{name} is a directory but has no {MODEL_JSON}; expected a '
-                              'directory written by the teacher or retrain stage.')
-    with open(spec_path) as f:
-      fields = json.load(f)
-    fields['class_names'] = fields.get('class_names') and tuple(fields['class_names'])
-    spec = Teacher(**fields)
-    weights_path = os.path.join(name, spec.weights)
-  else:
-    spec = get(name)
-    weights_path = spec.weights and os.path.join(WEIGHTS_DIR, spec.weights)
+  spec = get(name)
+  weights_path = spec.weights and os.path.join(name if os.path.isdir(name) else WEIGHTS_DIR,
+                                               spec.weights)
   module = spec.module(dtype=dtype)
   path = checkpoint or weights_path
   if not path:

@@ -6,6 +6,17 @@ The Flax ResNets use torchvision's module names, so the mapping is mechanical:
 Conv kernels go from (O, I, kh, kw) to (kh, kw, I, O), dense kernels from (O, I)
 to (I, O).
 
+A teacher of one's own becomes a directory (`model.json`: architecture, classes,
+input size, normalization, class names; `variables.msgpack`) that `--config.teacher=DIR`
+takes in every stage:
+
+  python -m dfnas_jax.teachers.convert --architecture resnet18 --num_classes 10 \
+      --image_size 32 --mean 0.4914,0.4822,0.4465 --std 0.2470,0.2435,0.2616 \
+      [--class_names classes.txt] --input user.pth --output my_teacher
+
+An `--output` ending in `.msgpack` writes the bare variables instead (for
+`teacher_checkpoint` of a zoo teacher):
+
   python -m dfnas_jax.teachers.convert --architecture resnet50 --num_classes 1000 \
       --input resnet50.pth --output resnet50.msgpack
 """
@@ -130,20 +141,49 @@ def convert(state_dict: Dict[str, Any], template: Dict[str, Any],
   return variables
 
 
+def _channels(text: str) -> Tuple[float, ...]:
+  values = tuple(float(v) for v in text.split(','))
+  if len(values) != 3:
+    raise argparse.ArgumentTypeError(f'expected three comma-separated numbers, got {text!r}')
+  return values
+
+
 def main(argv=None):
   from dfnas_jax import models
   from dfnas_jax import workdir as wd
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--architecture', required=True, choices=sorted(models.ARCHITECTURES))
   parser.add_argument('--num_classes', type=int, default=1000)
+  parser.add_argument('--image_size', type=int, default=224, help='input side, pixels')
+  parser.add_argument('--mean', type=_channels, help="R,G,B; default the architecture's")
+  parser.add_argument('--std', type=_channels, help="R,G,B; default the architecture's")
+  parser.add_argument('--class_names', help='text file, one class name per line')
   parser.add_argument('--input', required=True, help=f'state dict: one of {FORMATS}')
-  parser.add_argument('--output', required=True, help='Flax variables (.msgpack)')
+  parser.add_argument('--output', required=True,
+                      help='teacher directory, or a bare .msgpack of Flax variables')
   args = parser.parse_args(argv)
-  module = models.build_model(args.architecture, args.num_classes)
+  if (args.mean is None) != (args.std is None):
+    parser.error('give both --mean and --std, or neither')
+  class_names = None
+  if args.class_names:
+    with open(args.class_names) as f:
+      class_names = tuple(line.strip() for line in f if line.strip())
+    if len(class_names) != args.num_classes:
+      parser.error(f'{args.class_names} names {len(class_names)} classes, expected '
+                   f'--num_classes={args.num_classes}')
+  name = os.path.basename(os.path.normpath(args.output))
+  spec = teachers.Teacher(name, args.architecture, args.num_classes, args.image_size,
+                          weights=None, description=f'{args.architecture} converted from '
+                          f'{os.path.basename(args.input)}', class_names=class_names,
+                          mean=args.mean, std=args.std)
+  module = spec.module()
   template = jax.eval_shape(lambda: module.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), train=False))
+      jax.random.PRNGKey(0), jnp.zeros((1, args.image_size, args.image_size, 3)), train=False))
   variables = convert(read_state_dict(args.input), template, source=args.input)
-  wd.save_variables(args.output, variables)
+  if args.output.endswith('.msgpack'):
+    wd.save_variables(args.output, variables)
+  else:
+    teachers.save_trained(args.output, spec, variables)
   print(f'Wrote {args.output} ({args.architecture}, {args.num_classes} classes).')
 
 

@@ -7,14 +7,20 @@ import jax
 import ml_collections
 from absl import logging
 
-from dfnas_jax import teachers
+from dfnas_jax import models, teachers
 from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.train import state as state_lib
 from dfnas_jax.train import steps, trainer
 
 
+def check_config(config) -> None:
+  trainer.check_config(config)
+  models.build_model(config.architecture, num_classes=1)  # a bad name fails here
+
+
 def run(config: ml_collections.ConfigDict, workdir: str):
+  check_config(config)
   train_source = ip.get_source(config.dataset, config.train_split, config.data_dir, config.download)
   eval_source = (ip.get_source(config.dataset, config.eval_split, config.data_dir, config.download)
                  if config.eval_split else None)

@@ -23,6 +23,9 @@ def init_variables(model: nn.Module, rng: jax.Array, image_size: int):
   return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
 
 
+LR_SCHEDULES = ('cosine', 'linear')
+
+
 def learning_rate_schedule(base_lr: float, total_steps: int, warmup_steps: int,
                            kind: str = 'cosine') -> optax.Schedule:
   """Linear warm-up, then cosine (or linear) decay to zero."""
@@ -34,7 +37,7 @@ def learning_rate_schedule(base_lr: float, total_steps: int, warmup_steps: int,
   elif kind == 'linear':
     decay = optax.linear_schedule(base_lr, 0.0, decay_steps)
   else:
-    raise ValueError(f"lr schedule must be 'cosine' or 'linear', got {kind!r}")
+    raise ValueError(f'lr schedule must be one of {LR_SCHEDULES}, got {kind!r}')
   warmup = optax.linear_schedule(0.0, base_lr, warmup_steps)
   return optax.join_schedules([warmup, decay], [warmup_steps])
 
@@ -45,10 +48,12 @@ def kernels_only(params):
 
 
 def sgd(learning_rate: optax.Schedule, momentum: float, weight_decay: float,
-        nesterov: bool = True) -> optax.GradientTransformation:
-  return optax.chain(
-      optax.add_decayed_weights(weight_decay, mask=kernels_only),
-      optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
+        nesterov: bool = True, grad_clip: float = 0.0) -> optax.GradientTransformation:
+  """SGD with weight decay on kernels, after clipping the gradient's global norm at
+  `grad_clip` (> 0)."""
+  tx = optax.chain(optax.add_decayed_weights(weight_decay, mask=kernels_only),
+                   optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov))
+  return optax.chain(optax.clip_by_global_norm(grad_clip), tx) if grad_clip > 0 else tx
 
 
 def create_train_state(model: nn.Module, rng: jax.Array, image_size: int,

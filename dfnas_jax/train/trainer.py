@@ -32,12 +32,47 @@ def evaluate_batches(variables, batches, p_eval_step) -> Dict[str, float]:
   return {k: float(v) for k, v in total.compute().items()}
 
 
-def require_soft_labels(loss: str, teacher, source: ip.DataSource) -> None:
-  """Distillation without a teacher reads the dataset's stored `logits`."""
-  if loss == 'distillation' and not teacher and not source.has_logits:
+LOSSES = ('cross_entropy', 'distillation')
+
+
+def check_config(config) -> None:
+  """The fields `fit` reads, checked before any data or weights are read."""
+  if config.loss not in LOSSES:
+    raise ValueError(f'loss must be one of {LOSSES}, got {config.loss!r}')
+  if config.augment not in ip.AUGMENTATIONS:
+    raise ValueError(f'augment must be one of {ip.AUGMENTATIONS}, got {config.augment!r}')
+  if config.lr_schedule not in state_lib.LR_SCHEDULES:
+    raise ValueError(f'lr_schedule must be one of {state_lib.LR_SCHEDULES}, '
+                     f'got {config.lr_schedule!r}')
+  if config.batch_size < 1 or config.image_size < 1:
+    raise ValueError(f'batch_size and image_size must be positive, got {config.batch_size} '
+                     f'and {config.image_size}')
+  if config.num_train_steps <= 0 and config.num_epochs <= 0:
+    raise ValueError('Set num_train_steps or num_epochs to a positive number; got '
+                     f'{config.num_train_steps} and {config.num_epochs}.')
+
+
+def require_soft_labels(loss: str, teacher, source: ip.DataSource, augment: str,
+                        image_size: int) -> None:
+  """Distillation without a teacher reads the dataset's stored `logits`, which must
+  label the view it trains on."""
+  if loss != 'distillation' or teacher:
+    return
+  if not source.has_logits:
     raise ValueError(f'Distillation needs soft labels: dataset {source.builder.name!r} has no '
                      "`logits` feature, so configure a teacher to compute them "
                      "(soft_labels='teacher').")
+  view = ip.stored_logits_view(source)
+  if view:
+    check_stored_view(f'dataset {source.builder.name!r}', augment, image_size, *view)
+
+
+def check_stored_view(data: str, augment: str, image_size: int, side: int, window: int) -> None:
+  """One error when the stored logits of `data` do not label the trained view."""
+  problem = ip.stored_logits_mismatch(augment, image_size, side, window)
+  if problem:
+    raise ValueError(f"soft_labels='stored' cannot teach {data}: {problem}. Use "
+                     "soft_labels='teacher' (the teacher's logits on each trained view).")
 
 
 def make_writer(workdir: str):
@@ -66,17 +101,20 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
   `add_to_batch(step, batch)` can add inputs, e.g. the path a supernet trains.
 
   Uses config: seed, batch_size, num_epochs | num_train_steps, learning_rate,
-  warmup_epochs, lr_schedule, momentum, nesterov, weight_decay, loss,
+  warmup_epochs, lr_schedule, momentum, nesterov, grad_clip, weight_decay, loss,
   label_smoothing, temperature, image_size, augment, log_every_steps,
   eval_every_steps, checkpoint_every_steps, keep_checkpoints.
   """
   start_time = time.time()
+  check_config(config)
+  require_soft_labels(config.loss, teacher, train_source, config.augment, config.image_size)
   steps_per_epoch = ip.steps_per_epoch(train_source, config.batch_size)
   num_steps = total_train_steps(config, steps_per_epoch)
   lr_fn = state_lib.learning_rate_schedule(
       config.learning_rate, num_steps, int(config.warmup_epochs * steps_per_epoch),
       config.lr_schedule)
-  tx = state_lib.sgd(lr_fn, config.momentum, config.weight_decay, config.nesterov)
+  tx = state_lib.sgd(lr_fn, config.momentum, config.weight_decay, config.nesterov,
+                     config.grad_clip)
   state = state_lib.create_train_state(model, jax.random.PRNGKey(config.seed),
                                        config.image_size, tx, initial_variables)
   mngr = checkpointing.manager(os.path.join(workdir, 'checkpoints'),
@@ -95,7 +133,6 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
       dropout_rng=jax.random.PRNGKey(config.seed + 1),
       aux_weight=config.get('aux_weight', 0.0))
   extra_args = (steps.replicate(teacher[1]),) if teacher else ()
-  require_soft_labels(config.loss, teacher, train_source)
   p_eval_step = steps.pmap_eval_step(model.apply)
   batches = flax.jax_utils.prefetch_to_device(
       ip.train_batches(train_source, config.batch_size, config.image_size, config.augment,

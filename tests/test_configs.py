@@ -1,0 +1,90 @@
+"""Every preset of every stage passes its stage's checks; bad combinations fail at config time."""
+import importlib
+import os
+
+import pytest
+
+from dfnas_jax import stages
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, 'configs'))
+                 if f.endswith('.py') and f not in ('__init__.py', 'search_data.py'))
+
+
+def _config(name, preset=''):
+  config = importlib.import_module(f'configs.{name}').get_config(preset)
+  if config.get('space', '').startswith('nb201'):
+    config.benchmark_table = 'cifar10.json'  # the flag these presets' commands pass
+  return config
+
+
+def test_every_stage_config_has_presets():
+  assert {c: importlib.import_module(f'configs.{c}').PRESETS[0] for c in CONFIGS} == {
+      c: '' for c in CONFIGS}
+  assert len(CONFIGS) == len(stages.STAGES)
+
+
+@pytest.mark.parametrize('name, preset', [
+    (name, preset) for name in CONFIGS
+    for preset in importlib.import_module(f'configs.{name}').PRESETS])
+def test_every_preset_passes_its_stage_checks(name, preset):
+  stages.check(_config(name, preset))
+
+
+def test_unknown_preset_names_the_presets():
+  with pytest.raises(ValueError, match=r"Unknown preset 'huge' for spos; presets: \('', "):
+    _config('spos', 'huge')
+
+
+@pytest.mark.parametrize('name, field', [
+    ('spos', 'val_per_class'), ('proxylessnas', 'val_per_class')])
+def test_holding_out_more_than_the_synthesis_makes_fails_at_config_time(name, field):
+  config = _config(name)
+  made = config.synthesis.images_per_round * config.synthesis.num_rounds // 10
+  config[field] = made - 1
+  stages.check(config)
+  config[field] = made
+  with pytest.raises(ValueError, match=f'{field}={made} holds out all {made} images'):
+    stages.check(config)
+
+
+@pytest.mark.parametrize('name', ['spos', 'darts', 'proxylessnas'])
+def test_stored_soft_labels_must_label_the_trained_view(name):
+  config = _config(name)
+  config.soft_labels, config.loss = 'stored', 'distillation'
+  config.synthesis.regional_update = True  # 40 px canvases labelled on their centre 32 px
+  with pytest.raises(ValueError, match="soft_labels='stored' cannot teach the synthesized data"):
+    stages.check(config)
+  config.soft_labels = 'teacher'
+  stages.check(config)
+
+
+def test_stored_soft_labels_of_whole_windows_pass():
+  config = _config('darts')
+  config.soft_labels, config.augment, config.image_size = 'stored', 'none', 16
+  config.synthesis.regional_update = False  # the stored image is the labelled window
+  stages.check(config)
+  config.augment = 'cifar'  # shifted crops: not the labelled view
+  with pytest.raises(ValueError, match="augment='cifar' at image_size=16 trains on views"):
+    stages.check(config)
+
+
+def test_a_bad_teacher_fails_at_config_time(tmp_path):
+  config = _config('synthesize')
+  config.teacher = str(tmp_path)
+  with pytest.raises(FileNotFoundError, match='has no model.json'):
+    stages.check(config)
+
+
+@pytest.mark.parametrize('name', ['spos', 'darts', 'proxylessnas', 'rank_correlation'])
+def test_the_stages_teacher_reaches_every_phase(name, tmp_path):
+  from dfnas_jax.nas import common
+  config = _config(name, 'smoke')
+  config.teacher, config.teacher_checkpoint = str(tmp_path / 'mine'), str(tmp_path / 'w.pth')
+  synthesis = common.synthesis_config(config)
+  assert (synthesis.teacher, synthesis.teacher_checkpoint) == (config.teacher,
+                                                               config.teacher_checkpoint)
+  if name != 'rank_correlation':
+    config.retrain_data = 'synthetic,real'
+    for rc in common.retrain_configs(config, 'cifar_resnet8', 'data', 'distillation').values():
+      assert (rc.teacher, rc.teacher_checkpoint) == (config.teacher, config.teacher_checkpoint)
