@@ -85,14 +85,20 @@ def get_source(name: str, split: str, data_dir: Optional[str] = None,
   return DataSource(builder, split, num_examples, features['label'].num_classes)
 
 
+def synthetic_view(synthesis) -> Tuple[int, int]:
+  """(image side, window) of the images a synthesis config makes (a ConfigDict, or the
+  dict a synthetic dataset's metadata records): canvases with regional update, else
+  windows; their stored logits are the teacher's on the centre window."""
+  side = synthesis['canvas'] if synthesis.get('regional_update') else synthesis['window']
+  return int(side), int(synthesis['window'])
+
+
 def stored_logits_view(source: DataSource) -> Optional[Tuple[int, int]]:
-  """(image side, window) of a synthetic dataset whose stored logits are the teacher's
-  on each image's centre window x window pixels; None for other datasets."""
+  """`synthetic_view` of a synthetic dataset with stored logits; None for other datasets."""
   config = (source.builder.info.metadata or {}).get('config') or {}
   if not source.has_logits or 'window' not in config:
     return None
-  side = config['canvas'] if config.get('regional_update') else config['window']
-  return int(side), int(config['window'])
+  return synthetic_view(config)
 
 
 def stored_logits_mismatch(augment: str, image_size: int, side: int,

@@ -121,8 +121,7 @@ def check_synthesis(synthesis, stored_logits: bool, augment: str, image_size: in
         f'num_rounds={s.num_rounds}), leaving none to train on: lower val_per_class to at '
         f'most {made - 1} or synthesize more images.')
   if stored_logits:
-    side = s.canvas if s.regional_update else s.window
-    trainer.check_stored_view('the synthesized data', augment, image_size, side, s.window)
+    trainer.check_stored_view('the synthesized data', augment, image_size, *ip.synthetic_view(s))
 
 
 def check_search_data(config, loss: str, augment: str, image_size: int,
