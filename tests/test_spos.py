@@ -257,17 +257,10 @@ def test_spos_smoke_end_to_end_and_rerun_resumes(data_dir, tmp_path):
   assert 'Reusing the synthetic dataset' in out.stderr
 
 
-def test_bad_compute_dtype_fails_before_any_work(tmp_path):
+@pytest.mark.parametrize('field, value', [('compute_dtype', 'fp16'), ('path_sampling', 'flat')])
+def test_bad_config_fails_before_any_work(tmp_path, field, value):
   config = spos_config.get_config('smoke')
-  config.compute_dtype = 'fp16'
-  with pytest.raises(ValueError, match="compute_dtype='fp16': expected one of"):
-    spos_stage.run(config, str(tmp_path))
-  assert not (tmp_path / 'synthesize').exists()
-
-
-def test_bad_path_sampling_fails_before_any_work(tmp_path):
-  config = spos_config.get_config('smoke')
-  config.path_sampling = 'flat'
-  with pytest.raises(ValueError, match="path_sampling='flat': expected one of"):
+  config[field] = value
+  with pytest.raises(ValueError, match=f"{field}='{value}': expected one of"):
     spos_stage.run(config, str(tmp_path))
   assert not (tmp_path / 'synthesize').exists()
