@@ -29,7 +29,8 @@ config_flags.DEFINE_config_file('config', None, 'Stage config file (configs/*.py
                                 lock_config=True)
 flags.DEFINE_string('workdir', None, 'Work directory; default ./workdir/<config file stem>.')
 flags.DEFINE_bool('compilation_cache', True,
-                  'Keep compiled steps in <workdir>/jax_cache for reruns and resumes.')
+                  'Keep compiled steps in <workdir>/jax_cache (or $JAX_COMPILATION_CACHE_DIR '
+                  'when set) for reruns and resumes.')
 flags.DEFINE_bool('distributed', False,
                   'Run as one process of a multi-process job (jax.distributed.initialize).')
 flags.DEFINE_string('coordinator_address', None,
@@ -67,7 +68,9 @@ def main(argv):
   # tf.data only: keep TensorFlow off the accelerators JAX uses.
   tf.config.set_visible_devices([], 'GPU')
   workdir = FLAGS.workdir or default_workdir()
-  if FLAGS.compilation_cache:  # a resumed run skips recompiling (minutes on CPU for DARTS)
+  # A resumed run skips recompiling (minutes on CPU for DARTS); a cache the environment
+  # names (JAX_COMPILATION_CACHE_DIR) is kept, e.g. one shared by every work directory.
+  if FLAGS.compilation_cache and not jax.config.jax_compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'jax_cache'))
   logging.info('JAX process %d/%d, local devices: %s', jax.process_index(),
                jax.process_count(), jax.local_devices())

@@ -1,6 +1,7 @@
 """Files a stage leaves in its work directory, written atomically (temp + rename)."""
 import json
 import os
+import time
 from typing import Any, Dict
 
 import flax.serialization
@@ -39,6 +40,27 @@ def write_summary(workdir: str, summary: Dict[str, Any]) -> str:
   path = os.path.join(workdir, 'summary.json')
   write_json(path, summary)
   return path
+
+
+class Stopwatch:
+  """Seconds a resumable phase has spent on the work it keeps, over every process that
+  worked on it: `mark(step)` records the total when `step` is checkpointed, and a process
+  that resumes from a step starts from the total marked at or before it."""
+
+  def __init__(self, directory: str, resumed_step: int = 0):
+    self.path = os.path.join(directory, 'wall_time.json')
+    marks = read_json(self.path) if resumed_step and os.path.exists(self.path) else {}
+    self._marks = {k: v for k, v in marks.items() if int(k) <= resumed_step}
+    self._before = self._marks[max(self._marks, key=int)] if self._marks else 0.0
+    self._start = time.time()
+
+  def seconds(self) -> float:
+    return self._before + time.time() - self._start
+
+  def mark(self, step: int) -> None:
+    self._marks[str(step)] = round(self.seconds(), 2)
+    if jax.process_index() == 0:
+      write_json(self.path, self._marks)
 
 
 def save_variables(path: str, variables: Dict[str, Any]) -> None:

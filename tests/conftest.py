@@ -7,10 +7,26 @@ The package itself never needs these copies.
 """
 import os
 import pathlib
+import shutil
+import tempfile
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+  """One persistent compilation cache for the whole run, made by the main pytest process
+  before JAX is imported: xdist workers, stage subprocesses and notebook kernels inherit
+  it through the environment, so a step compiled by one test is read back by the next."""
+  if not hasattr(config, 'workerinput'):  # the main process, not an xdist worker
+    config.jax_cache = tempfile.mkdtemp(prefix='dfnas-test-jax-cache-')
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = config.jax_cache
+
+
+def pytest_unconfigure(config):
+  if getattr(config, 'jax_cache', None):
+    shutil.rmtree(config.jax_cache, ignore_errors=True)
 
 
 def _data_dir():

@@ -30,7 +30,8 @@ SUPERNET_STEPS = 6
 def main(process_id: int, port: int, workdir: str, crash_at_step: int = 0):
   logging.set_verbosity(logging.INFO)  # the stages' progress lines, for a failing test's log
   distributed.initialize(f'127.0.0.1:{port}', 2, process_id)
-  jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'jax_cache'))
+  if not jax.config.jax_compilation_cache_dir:  # the test run's shared one, if set
+    jax.config.update('jax_compilation_cache_dir', os.path.join(workdir, 'jax_cache'))
   config = spos_config.get_config('smoke')
   config.soft_labels = 'stored'
   config.synthesis.regional_update = False  # window-sized images: stored logits label them

@@ -21,6 +21,7 @@ from dfnas_jax.nas import bilevel, common
 from dfnas_jax.nas import darts as darts_stage
 from dfnas_jax.train import state as state_lib
 from dfnas_jax.train import steps
+from tests import notebooks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -310,12 +311,13 @@ def test_bad_darts_configs_are_one_clear_error(tmp_path, field, value, message):
     darts_stage.run(config, str(tmp_path))
 
 
-def test_darts_smoke_end_to_end_resumes_after_kill(data_dir, tmp_path):
-  """Kill -9 once the search has checkpointed, rerun: it resumes and finishes once."""
+def test_darts_smoke_end_to_end_resumes_after_kill_then_notebook_03_shows_it(data_dir, tmp_path):
+  """Kill -9 once the search has checkpointed, rerun: it resumes and finishes once; then
+  notebook 03 on the same work directory reuses the run and shows it."""
   workdir = tmp_path / 'darts'
   cmd = [sys.executable, '-m', 'dfnas_jax.main', f'--config={REPO}/configs/darts.py:smoke',
          f'--workdir={workdir}', '--config.eval_dataset=cifar10_jpeg',
-         f'--config.eval_data_dir={data_dir}', '--config.eval_split=train[45000:45064]',
+         f'--config.eval_data_dir={data_dir}', f'--config.eval_split={notebooks.EVAL_SPLIT}',
          '--config.download=False']
   # Unoptimized XLA: these runs are compile-bound; what is checked does not depend on speed.
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_DISABLE_MOST_OPTIMIZATIONS='1')
@@ -329,12 +331,15 @@ def test_darts_smoke_end_to_end_resumes_after_kill(data_dir, tmp_path):
     first.wait()
   assert (checkpoints / '2').is_dir(), (tmp_path / 'first.log').read_text()[-3000:]
   assert not (workdir / 'summary.json').exists()
+  killed_s = json.loads((workdir / 'search' / 'wall_time.json').read_text())['2']
 
   out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
+  # The search's wall time adds the killed process's kept work to the resumed one's.
+  summary = json.loads((workdir / 'summary.json').read_text())
+  assert summary['wall_time_s']['search_s'] > killed_s > 0
   # 32 images: 18 weight / 14 architecture images (half of each class), 4 steps an epoch.
   assert 'Resuming the search from step 2 of 8' in out.stderr
-  summary = json.loads((workdir / 'summary.json').read_text())
   assert [h['epoch'] for h in summary['search_history']] == [1, 2]  # no epoch twice
   assert summary['search_steps'] == 8 and summary['mode'] == 'exact'
   assert summary['search_val_split']['fraction'] == 0.5  # class-balanced random halves
@@ -351,3 +356,12 @@ def test_darts_smoke_end_to_end_resumes_after_kill(data_dir, tmp_path):
   assert np.isfinite(summary['search_final']['val_loss'])
   module, _, spec = teachers.load(summary['retrain_model_dir'])
   assert spec.architecture == summary['architecture'] and module.genotype == genotype
+
+  # From the repository root rather than colab/: the notebook finds configs/ either way.
+  nb = notebooks.run('03_darts', notebooks.search_parameters(workdir, data_dir), cwd=REPO)
+  again = notebooks.check_search(nb, workdir)
+  assert again['genotype'] == summary['genotype'] and again['mode'] == 'exact'
+  assert again['final_accuracy'] == summary['final_accuracy']
+  # Search curves, heat maps after epochs 1 and 2, both cells, retraining curves.
+  assert notebooks.images_shown(nb) == 6
+  assert 'epoch_002' in notebooks.stdout(nb)

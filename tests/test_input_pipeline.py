@@ -1,8 +1,12 @@
+import os
+import shutil
+
 import jax
 import numpy as np
 import pytest
 
 from dfnas_jax.data import input_pipeline as ip
+from dfnas_jax.synthesis.writer import ShardWriter
 
 
 @pytest.fixture(scope='module')
@@ -80,3 +84,33 @@ def test_clear_errors(source, data_dir, monkeypatch):
     ip.get_source('no_such_dataset', 'train', data_dir, download=False)
   with pytest.raises(ValueError, match='augment must be one of'):
     next(ip.train_batches(source, 32, 32, 'mixup', seed=0))
+
+
+def _tiny_dataset(directory, shard_sizes):
+  writer = ShardWriter(str(directory), len(shard_sizes), num_classes=3, image_size=4)
+  for shard, size in enumerate(shard_sizes):
+    writer.write(shard, [{'image': np.zeros((4, 4, 3), np.uint8), 'label': i % 3,
+                          'target_label': i % 3, 'logits': np.zeros(3, np.float32), 'round': 0}
+                         for i in range(size)])
+  writer.finalize('test data')
+  return writer
+
+
+def test_truncated_foreign_or_missing_shards_are_named_before_reading(tmp_path):
+  writer = _tiny_dataset(tmp_path / 'data', [3, 3, 3])
+  assert ip.get_source(str(tmp_path / 'data'), 'train').num_examples == 9
+  other = _tiny_dataset(tmp_path / 'other', [2, 2, 2])
+
+  truncated = writer.path(1)
+  with open(truncated, 'r+b') as f:
+    f.truncate(os.path.getsize(truncated) - 5)
+  with pytest.raises(ValueError, match=rf'{truncated} \(ends inside a record; expected 3'):
+    ip.get_source(str(tmp_path / 'data'), 'train[:2]')  # its first file is whole
+
+  shutil.copy(other.path(1), writer.path(1))
+  with pytest.raises(ValueError, match=rf'{writer.path(1)} \(2 records, expected 3\)'):
+    ip.get_source(str(tmp_path / 'data'), 'train')
+
+  os.remove(writer.path(2))
+  with pytest.raises(ValueError, match=rf'missing 1 of its 3 files, e.g. {writer.path(2)}'):
+    ip.get_source(str(tmp_path / 'data'), 'train')

@@ -21,6 +21,7 @@ from dfnas_jax.nas import common, latency
 from dfnas_jax.nas import proxyless as stage
 from dfnas_jax.train import state as state_lib
 from dfnas_jax.train import steps
+from tests import notebooks
 from tests.conftest import REPO
 
 TINY = space_lib.SPACES['proxyless_tiny']
@@ -374,13 +375,15 @@ def test_mul_log_needs_a_target_above_one(tmp_path):
     stage.cost_setup(config, TINY, 10, str(tmp_path))
 
 
-def test_proxylessnas_smoke_end_to_end_resumes_after_kill(data_dir, tmp_path):
-  """Kill -9 once the search has checkpointed, rerun: it resumes and finishes once."""
+def test_proxylessnas_smoke_end_to_end_resumes_after_kill_then_notebook_04_shows_it(
+    data_dir, tmp_path):
+  """Kill -9 once the search has checkpointed, rerun: it resumes and finishes once; then
+  notebook 04 on the same work directory reuses the run and shows it."""
   workdir = tmp_path / 'proxyless'
   cmd = [sys.executable, '-m', 'dfnas_jax.main',
          f'--config={REPO}/configs/proxylessnas.py:smoke', f'--workdir={workdir}',
          '--config.eval_dataset=cifar10_jpeg', f'--config.eval_data_dir={data_dir}',
-         '--config.eval_split=train[45000:45064]', '--config.download=False']
+         f'--config.eval_split={notebooks.EVAL_SPLIT}', '--config.download=False']
   # Unoptimized XLA: these runs are compile-bound; what is checked does not depend on speed.
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_DISABLE_MOST_OPTIMIZATIONS='1')
   checkpoints = workdir / 'search' / 'checkpoints'
@@ -424,3 +427,12 @@ def test_proxylessnas_smoke_end_to_end_resumes_after_kill(data_dir, tmp_path):
   assert np.isfinite(summary['search_final']['val_loss'])
   module, _, spec = teachers.load(summary['retrain_model_dir'])
   assert spec.architecture == summary['architecture'] and module.choices == tuple(found['choices'])
+
+  nb = notebooks.run('04_proxylessnas', notebooks.search_parameters(workdir, data_dir))
+  again = notebooks.check_search(nb, workdir)
+  assert again['architecture'] == summary['architecture'] and again['cost_model'] == 'latency'
+  assert again['final_accuracy'] == summary['final_accuracy']
+  assert json.loads((workdir / 'architecture.json').read_text())['choices'] == found['choices']
+  # Cost table, search progress, path probabilities, retraining curves.
+  assert notebooks.images_shown(nb) == 4
+  assert 'epoch   2 (search)' in notebooks.stdout(nb)

@@ -7,6 +7,7 @@ from configs import rank_correlation as rc_config
 from dfnas_jax.evaluation import rank_correlation as rc
 from dfnas_jax.models import darts, spos
 from dfnas_jax.nas import spos as spos_stage
+from tests import notebooks
 
 
 def test_rank_statistics_known_values():
@@ -89,8 +90,8 @@ def _smoke(data_dir, **overrides):
   return config
 
 
-def test_study_writes_its_table_and_a_rerun_skips_finished_cells(data_dir, tmp_path,
-                                                                 quick_compiles):
+def test_study_writes_its_table_and_notebook_05_reruns_it_from_its_cells(data_dir, tmp_path,
+                                                                         quick_compiles):
   workdir = tmp_path / 'study'
   rc.run(_smoke(data_dir), str(workdir))
   results = json.loads((workdir / 'results.json').read_text())
@@ -101,6 +102,9 @@ def test_study_writes_its_table_and_a_rerun_skips_finished_cells(data_dir, tmp_p
     assert len(scores) == 2 and all(0 <= a <= 1 for a in scores)
     assert (workdir / f'{version}.png').stat().st_size > 0
   assert results['num_images'] == {'gaussian_noise': 32}
+  assert results['eval_data'] == f'cifar10_jpeg {notebooks.EVAL_SPLIT}'
+  assert results['real_train_data'] == 'cifar10_jpeg train[:256]'
+  assert results['size_unit'] == 'MFLOPs' and results['size'] == sorted(results['size'])
   table = (workdir / 'results.md').read_text()
   assert '| stand_alone | gaussian_noise |' in table and '| one_shot | gaussian_noise |' in table
   cells = sorted(str(p.relative_to(workdir)) for p in (workdir / 'cells').glob('**/*.json'))
@@ -109,10 +113,27 @@ def test_study_writes_its_table_and_a_rerun_skips_finished_cells(data_dir, tmp_p
                      for i in (0, 1)]]
   kept = {p: p.stat().st_mtime_ns for p in (workdir / 'cells').glob('**/*.json')}
 
-  rc.run(_smoke(data_dir, num_bootstrap=10), str(workdir))  # every cell is reused
+  # The notebook on the same work directory and config (fewer bootstrap samples): every
+  # cell is reused, the tables are recomputed from them, and it shows the study.
+  nb = notebooks.run('05_consistency', {
+      'SCALE': 'smoke', 'WORKDIR': str(workdir),
+      'REAL_DATASET': 'cifar10_jpeg', 'REAL_DATA_DIR': data_dir, 'REAL_TRAIN_SPLIT': 'train[:256]',
+      'EVAL_DATASET': 'cifar10_jpeg', 'EVAL_DATA_DIR': data_dir,
+      'EVAL_SPLIT': notebooks.EVAL_SPLIT, 'DOWNLOAD': False,
+      'CONFIG_OVERRIDES': {'num_architectures': 2, 'variants': 'gaussian_noise',
+                           'train.num_train_steps': 2, 'num_bootstrap': 10}})
   assert {p: p.stat().st_mtime_ns for p in kept} == kept
   again = json.loads((workdir / 'results.json').read_text())
   assert again['scores'] == results['scores']
+  for png in ('architectures.png', 'agreement.png'):
+    assert (workdir / png).stat().st_size > 0, png
+  # Architectures by size, stand-alone and one-shot rankings, tau and regret per variant.
+  assert notebooks.images_shown(nb) == 4
+  table = notebooks.markdown_shown(nb)
+  assert '| stand_alone | gaussian_noise |' in table and '| one_shot | gaussian_noise |' in table
+  out = notebooks.stdout(nb)
+  assert 'regret' in out and out.count('cells/') == 5  # 2 real, 2 noise, 1 supernet
+  assert 'Cell stand_alone/real/0 reused' in notebooks.stderr(nb)  # its progress log
 
   with pytest.raises(ValueError, match='other architectures'):
     rc.run(_smoke(data_dir, seed=5), str(workdir))

@@ -18,6 +18,7 @@ from dfnas_jax.nas import common as nas_common
 from dfnas_jax.nas import evolution
 from dfnas_jax.nas import spos as spos_stage
 from dfnas_jax.train import state as state_lib
+from tests import notebooks
 from tests.supernet_steps import counting_path_step, leaf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -226,17 +227,17 @@ def test_evolution_improves_respects_constraints_and_resumes(tmp_path):
   assert best_resumed == best and interrupted + resumed == calls
 
 
-def test_spos_smoke_end_to_end_and_rerun_resumes(data_dir, tmp_path):
-  args = [f'--config={REPO}/configs/spos.py:smoke', f'--workdir={tmp_path}/spos',
+def test_spos_smoke_end_to_end_then_notebook_02_reuses_it(data_dir, tmp_path):
+  workdir = tmp_path / 'spos'
+  args = [f'--config={REPO}/configs/spos.py:smoke', f'--workdir={workdir}',
           '--config.eval_dataset=cifar10_jpeg', f'--config.eval_data_dir={data_dir}',
-          '--config.eval_split=train[45000:45064]', '--config.download=False']
-  run = lambda: subprocess.run([sys.executable, '-m', 'dfnas_jax.main', *args], cwd=tmp_path,
-                               capture_output=True, text=True, timeout=900,
-                               env=dict(os.environ, PYTHONPATH=REPO,  # compile-bound run
-                                        JAX_DISABLE_MOST_OPTIMIZATIONS='1'))
-  out = run()
+          f'--config.eval_split={notebooks.EVAL_SPLIT}', '--config.download=False']
+  out = subprocess.run([sys.executable, '-m', 'dfnas_jax.main', *args], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, PYTHONPATH=REPO,  # compile-bound run
+                                JAX_DISABLE_MOST_OPTIMIZATIONS='1'))
   assert out.returncode == 0, out.stderr[-3000:]
-  summary = json.loads((tmp_path / 'spos' / 'summary.json').read_text())
+  summary = json.loads((workdir / 'summary.json').read_text())
   arch = tuple(summary['best_choices'])
   assert summary['best_architecture'] == spos.architecture_name('spos_tiny', arch)
   assert spos.cost(TINY, arch, 10)[0] / 1e6 == pytest.approx(summary['flops_m'])
@@ -249,12 +250,23 @@ def test_spos_smoke_end_to_end_and_rerun_resumes(data_dir, tmp_path):
   module, _, spec = teachers.load(summary['retrain_model_dir'])
   assert spec.architecture == summary['best_architecture'] and module.choices == arch
 
-  out = run()  # everything is reused: same result, nothing trained again
-  assert out.returncode == 0, out.stderr[-3000:]
-  again = json.loads((tmp_path / 'spos' / 'summary.json').read_text())
+  # The notebook on the same work directory and config: everything is reused (same
+  # result, nothing trained again), and it shows the run.
+  nb = notebooks.run('02_spos', notebooks.search_parameters(workdir, data_dir))
+  again = notebooks.check_search(nb, workdir)
   assert again['best_architecture'] == summary['best_architecture']
   assert again['final_accuracy'] == summary['final_accuracy']
-  assert 'Reusing the synthetic dataset' in out.stderr
+  assert 'Reusing the synthetic dataset' in notebooks.stderr(nb)
+  assert again['synthesized'] and again['dataset'] == summary['dataset']
+  # Wall times count the kept work of earlier attempts, not only this (short) rerun's.
+  assert again['wall_time_s']['data_s'] == summary['wall_time_s']['data_s'] > 0
+  for phase in ('supernet_s', 'retrain_s', 'total_s'):
+    assert again['wall_time_s'][phase] >= summary['wall_time_s'][phase]
+  for png in ('supernet_curves.png', 'search_progress.png', 'candidates.png',
+              'retrain_curves.png'):
+    assert (workdir / png).exists(), png
+  assert notebooks.images_shown(nb) == 4
+  assert 'Search: resuming after generation 1' in notebooks.stderr(nb)  # its progress log
 
 
 @pytest.mark.parametrize('field, value', [('compute_dtype', 'fp16'), ('path_sampling', 'flat')])

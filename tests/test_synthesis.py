@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 
 from configs import synthesize as synthesize_config
 from dfnas_jax import teachers
+from dfnas_jax import workdir as wd
 from dfnas_jax.synthesis import inversion, losses, synthesize
 from dfnas_jax.synthesis.writer import ShardWriter
 from dfnas_jax.train import state as state_lib
@@ -184,7 +185,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(teacher_dir, tmp_path, mo
   files = sorted(os.listdir(tmp_path / 'resumed' / 'synthetic'))
   assert len(files) == 2 and not any('tmp' in f for f in files)  # Only whole shards.
   monkeypatch.setattr(ShardWriter, 'write', real_write)
-  synthesize.run(config, str(tmp_path / 'resumed'))
+  killed_s = wd.read_json(str(tmp_path / 'resumed' / 'wall_time.json'))['2']
+  summary = synthesize.run(config, str(tmp_path / 'resumed'))
+  assert summary['wall_time_s'] > killed_s > 0  # the first attempt's two shards count
 
   _, straight = read_dataset(str(tmp_path / 'straight' / 'synthetic'))
   _, resumed = read_dataset(str(tmp_path / 'resumed' / 'synthetic'))

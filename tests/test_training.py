@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from dfnas_jax import models, teachers
+from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.train import state as state_lib, steps, trainer
 
@@ -90,6 +91,24 @@ def test_resume_after_crash_equals_uninterrupted_run(train_config, tmp_path, mon
                          full['state'].batch_stats)
 
 
+def test_stopwatch_counts_the_kept_work_of_every_attempt(tmp_path, monkeypatch):
+  clock = [100.0]
+  monkeypatch.setattr(wd.time, 'time', lambda: clock[0])
+  first = wd.Stopwatch(str(tmp_path))
+  clock[0] += 5
+  first.mark(2)
+  clock[0] += 7
+  first.mark(4)
+  clock[0] += 30  # killed: this work is lost, and its time is not counted
+  resumed = wd.Stopwatch(str(tmp_path), resumed_step=3)  # restored step 3: marked at 2
+  clock[0] += 1
+  assert resumed.seconds() == 6
+  resumed.mark(6)
+  assert wd.read_json(str(tmp_path / 'wall_time.json')) == {'2': 5, '6': 6}
+  assert wd.Stopwatch(str(tmp_path), resumed_step=6).seconds() == 6
+  assert wd.Stopwatch(str(tmp_path)).seconds() == 0  # a fresh start ignores old marks
+
+
 def test_checkpoint_of_another_model_is_a_clear_error(train_config, tmp_path):
   config = train_config
   config.num_train_steps = 3
@@ -155,6 +174,7 @@ def test_two_devices_match_one_device():
   script = textwrap.dedent('''
       import functools, jax, numpy as np, flax.jax_utils
       from dfnas_jax import models, teachers
+from dfnas_jax import workdir as wd
       from dfnas_jax.train import state as state_lib, steps
       assert jax.local_device_count() == 2
       model = models.build_model('cifar_resnet8', 10)

@@ -12,6 +12,7 @@ a resumed run sees exactly the batches an uninterrupted run would have seen.
 import dataclasses
 import math
 import os
+import struct
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import jax
@@ -82,7 +83,62 @@ def get_source(name: str, split: str, data_dir: Optional[str] = None,
                      f'splits: {sorted(builder.info.splits)}.') from e
   if num_examples == 0:
     raise ValueError(f'Split {split!r} of dataset {name!r} is empty.')
+  check_files(builder, split)
   return DataSource(builder, split, num_examples, features['label'].num_classes)
+
+
+def check_files(builder: tfds.core.DatasetBuilder, split: str) -> None:
+  """Checks, before any reading, that the local TFRecord files of `split` exist and are
+  whole: each base split's files must hold the bytes its metadata records (TFDS counts
+  the record payloads, this package's writer the files). A mismatch is one error that
+  names the truncated or foreign files. Remote files (gs://...) are not checked."""
+  if builder.info.file_format.value != 'tfrecord':
+    return
+  files = {fi.filename for fi in builder.info.splits[split].file_instructions}
+  if any('://' in f for f in files):
+    return
+  missing = sorted(f for f in files if not os.path.isfile(f))
+  if missing:
+    raise ValueError(f'Split {split!r} of {builder.data_dir} is missing {len(missing)} of its '
+                     f'{len(files)} files, e.g. {missing[0]}.')
+  for info in builder.info.splits.values():
+    instructions = info.file_instructions
+    if not files & {fi.filename for fi in instructions} or not info.num_bytes:
+      continue
+    size = sum(os.path.getsize(fi.filename) for fi in instructions)
+    if size in (info.num_bytes, info.num_bytes + _RECORD_FRAMING * info.num_examples):
+      continue
+    bad = [f'{fi.filename} ({_describe_records(fi.filename, fi.examples_in_shard)})'
+           for fi in instructions if _count_records(fi.filename) != fi.examples_in_shard]
+    raise ValueError(f'Split {info.name!r} of {builder.data_dir}: its files hold {size} bytes '
+                     f'but its metadata records {info.num_bytes}; truncated or foreign: '
+                     f'{"; ".join(bad) or "no single file (a file was swapped for another)"}.')
+
+
+_RECORD_FRAMING = 16  # a TFRecord record: length (8 bytes), its CRC (4), payload, CRC (4)
+
+
+def _count_records(path: str) -> Optional[int]:
+  """Whole records in a TFRecord file by their length fields; None if it ends inside one."""
+  size, offset, count = os.path.getsize(path), 0, 0
+  with open(path, 'rb') as f:
+    while offset < size:
+      header = f.read(12)
+      if len(header) < 12:
+        return None
+      offset += _RECORD_FRAMING + struct.unpack('<Q', header[:8])[0]
+      if offset > size:
+        return None
+      f.seek(offset)
+      count += 1
+  return count
+
+
+def _describe_records(path: str, expected: int) -> str:
+  count = _count_records(path)
+  if count is None:
+    return f'ends inside a record; expected {expected} records'
+  return f'{count} records, expected {expected}'
 
 
 def synthetic_view(synthesis) -> Tuple[int, int]:

@@ -1,6 +1,5 @@
 """What every NAS stage shares: the data it searches on and the final retraining."""
 import os
-import time
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import flax
@@ -88,13 +87,14 @@ def save_search(mngr: ocp.CheckpointManager, workdir: str, step: int, rstate: Se
                      force=epoch_end)
 
 
-def synthetic_data(config, workdir: str) -> Tuple[str, Dict[str, Any]]:
-  """The dataset to search on: configured, or synthesized (and reused) under WORKDIR."""
+def synthetic_data(config, workdir: str) -> Tuple[str, Dict[str, Any], float]:
+  """The dataset to search on: configured, or synthesized (and reused) under WORKDIR;
+  with the seconds its synthesis took (over every attempt, whether done now or reused)."""
   if config.dataset:
-    return config.dataset, {'dataset': config.dataset, 'synthesized': False}
+    return config.dataset, {'dataset': config.dataset, 'synthesized': False}, 0.0
   summary = synthesize.load_or_run(synthesis_config(config), os.path.join(workdir, 'synthesize'))
   return summary['dataset_dir'], {'dataset': summary['dataset_dir'], 'synthesized': True,
-                                 'num_images': summary['num_images']}
+                                 'num_images': summary['num_images']}, summary['wall_time_s']
 
 
 def synthesis_config(config) -> ml_collections.ConfigDict:
@@ -140,7 +140,7 @@ class SearchData(NamedTuple):
   info: Dict[str, Any]  # for summary.json, including how it was split
   train: ip.DataSource
   val: ip.DataSource
-  seconds: float  # spent synthesizing (or finding) the dataset
+  seconds: float  # spent synthesizing the dataset, over every attempt
 
 
 def search_data(config, workdir: str, per_class: Optional[int] = None,
@@ -155,9 +155,7 @@ def search_data(config, workdir: str, per_class: Optional[int] = None,
   if bool(config.train_split) != bool(config.val_split):
     raise ValueError('Set both train_split and val_split, or neither (then the searched '
                      'dataset is split class by class at random).')
-  start = time.time()
-  dataset, info = synthetic_data(config, workdir)
-  seconds = time.time() - start
+  dataset, info, seconds = synthetic_data(config, workdir)
   source = lambda split: ip.get_source(dataset, split, config.data_dir, config.download)
   if config.train_split:
     info.update(search_train_split=config.train_split, search_val_split=config.val_split)
@@ -266,6 +264,15 @@ def retrain_architecture(config, architecture: str, data: SearchData, loss: str,
   (`retrain_configs`), in `workdir` (synthetic) and `workdir`_real; {name: summary}."""
   return {name: retrain.run(rc, workdir if name == 'synthetic' else f'{workdir}_real')
           for name, rc in retrain_configs(config, architecture, data.dataset, loss).items()}
+
+
+def wall_times(phases: Dict[str, float],
+               finals: Dict[str, Dict[str, Any]]) -> Dict[str, float]:
+  """summary.json's `wall_time_s`: seconds per phase, `retrain_s` from the retrained
+  `finals`, and their sum; each phase counts the work it kept over every attempt."""
+  times = dict(phases, retrain_s=sum(f['wall_time_s'] for f in finals.values()))
+  times = {k: round(v, 1) for k, v in times.items()}
+  return dict(times, total_s=round(sum(times.values()), 1))
 
 
 def final_results(config, finals: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:

@@ -12,7 +12,6 @@ the data position is the step) with orbax and resumes after a kill.
 """
 import functools
 import os
-import time
 from typing import Any, Dict, Optional, Tuple
 
 import flax
@@ -168,7 +167,6 @@ def write_genotype_files(config, directory: str, epoch: int, alphas) -> Dict[str
 def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.DataSource,
            teacher: Optional[Tuple[Any, Any]]) -> Dict[str, Any]:
   """The bilevel search; resumes from workdir/checkpoints. Returns alphas and curves."""
-  start_time = time.time()
   steps_per_epoch = ip.steps_per_epoch(train_source, config.batch_size)
   num_steps = config.num_epochs * steps_per_epoch
   tx, lr_fn = weight_optimizer(config, num_steps)
@@ -187,6 +185,7 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
       weights=state_lib.create_train_state(model, weight_rng, config.image_size, tx),
       alphas=alphas, arch_opt_state=arch_tx.init(alphas))
   mngr, state, start_step, history = common.restore_search(workdir, config, state, num_steps)
+  stopwatch = wd.Stopwatch(workdir, start_step)
 
   writer = trainer.make_writer(workdir)
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
@@ -226,20 +225,20 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
         history.append({'epoch': epoch, 'step': step, **scalars, 'genotype': genotype})
         logging.info('Epoch %d: %s, genotype %s', epoch, scalars, genotype)
     if step % config.checkpoint_every_steps == 0 or epoch_end:
+      stopwatch.mark(step)  # first: a checkpoint on disk always has its time
       with report.timed('checkpoint'):
         common.save_search(mngr, workdir, step, rstate, history, epoch_end)
   mngr.wait_until_finished()
   writer.flush()
   final = jax.device_get(flax.jax_utils.unreplicate(rstate))
   return {'alphas': final.alphas, 'history': history, 'num_steps': num_steps,
-          'steps_per_epoch': steps_per_epoch, 'wall_time_s': time.time() - start_time}
+          'steps_per_epoch': steps_per_epoch, 'wall_time_s': stopwatch.seconds()}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
   check_config(config)
   common.check_real_data(config)
   table = nasbench201.load(config.benchmark_table) if config.benchmark_table else None
-  start = time.time()
   # The reference halves the training data into weight and architecture sets.
   data = common.search_data(config, workdir, fraction=0.5)
   for name, source in (('weight', data.train), ('architecture', data.val)):
@@ -252,9 +251,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   trainer.require_soft_labels(config.loss, teacher, train_source, config.augment,
                               config.image_size)
 
-  t = time.time()
   result = search(config, os.path.join(workdir, 'search'), train_source, val_source, teacher)
-  phase_times['search_s'] = time.time() - t
+  phase_times['search_s'] = result['wall_time_s']
   found, found_json = derive(config, result['alphas'])
   if config.space == 'darts':
     r = config.retrain_network
@@ -272,10 +270,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   num_params = int(sum(x.size for x in jax.tree_util.tree_leaves(variables['params'])))
   logging.info('Found %s: %d parameters as %s', found_json, num_params, name)
 
-  t = time.time()
   final = common.retrain_architecture(config, name, data, config.loss,
                                       os.path.join(workdir, 'retrain'))
-  phase_times['retrain_s'] = time.time() - t
 
   last = result['history'][-1] if result['history'] else {}
   summary = {
@@ -287,8 +283,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                          for h in result['history']],
       'search_steps': result['num_steps'], 'loss': config.loss, **data.info,
       **common.final_results(config, final),
-      'wall_time_s': {k: round(v, 1) for k, v in phase_times.items()},
+      'wall_time_s': common.wall_times(phase_times, final),
   }
-  summary['wall_time_s']['total_s'] = round(time.time() - start, 1)
   wd.write_summary(workdir, summary)
   return summary

@@ -332,7 +332,6 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
            teacher: Optional[Tuple[Any, Any]], cost: latency.CostTable,
            cost_loss: CostLoss) -> Dict[str, Any]:
   """Warm-up and search; resumes from workdir/checkpoints. Returns alphas and curves."""
-  start_time = time.time()
   space = space_lib.SPACES[config.space]
   allowed = space.allowed()
   steps_per_epoch = ip.steps_per_epoch(train_source, config.batch_size)
@@ -350,6 +349,7 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
       weights=state_lib.create_train_state(model, weight_rng, space.image_size, tx),
       alphas=alphas, arch_opt_state=arch_tx.init(alphas))
   mngr, state, start_step, history = common.restore_search(workdir, config, state, num_steps)
+  stopwatch = wd.Stopwatch(workdir, start_step)
 
   arch_steps = functools.partial(arch_steps_until, config, warmup_steps, steps_per_epoch)
 
@@ -419,6 +419,7 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
                      space_lib.architecture_name(config.space, choices))
       writer.write_scalars(step, scalars)
     if step % config.checkpoint_every_steps == 0 or epoch_end:
+      stopwatch.mark(step)  # first: a checkpoint on disk always has its time
       with report.timed('checkpoint'):
         common.save_search(mngr, workdir, step, rstate, history, epoch_end)
   mngr.wait_until_finished()
@@ -426,7 +427,7 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
   final = jax.device_get(flax.jax_utils.unreplicate(rstate))
   return {'alphas': np.asarray(final.alphas), 'history': history, 'num_steps': num_steps,
           'warmup_steps': warmup_steps, 'arch_steps': arch_steps(num_steps),
-          'steps_per_epoch': steps_per_epoch, 'wall_time_s': time.time() - start_time}
+          'steps_per_epoch': steps_per_epoch, 'wall_time_s': stopwatch.seconds()}
 
 
 def derive(alphas, allowed) -> Tuple[int, ...]:
@@ -437,7 +438,6 @@ def derive(alphas, allowed) -> Tuple[int, ...]:
 def run(config: ml_collections.ConfigDict, workdir: str):
   check_config(config)
   common.check_real_data(config)
-  start = time.time()
   data = common.search_data(config, workdir, per_class=config.val_per_class)
   phase_times = {'data_s': data.seconds}
   train_source, val_source = data.train, data.val
@@ -457,10 +457,9 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                cost.kind, cost.unit, cost.fixed, cost.table[space.allowed()].min(),
                cost.table.max(), cost_loss.form, cost_loss.target)
 
-  t = time.time()
   result = search(config, os.path.join(workdir, 'search'), train_source, val_source, teacher,
                   cost, cost_loss)
-  phase_times['search_s'] = time.time() - t
+  phase_times['search_s'] = result['wall_time_s']
 
   choices = derive(result['alphas'], space.allowed())
   name = space_lib.architecture_name(config.space, choices)
@@ -485,10 +484,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                name, found['flops_m'], params, found['cost_of_architecture'], cost.unit,
                found['measured_latency_ms'])
 
-  t = time.time()
   final = common.retrain_architecture(config, name, data, config.loss,
                                       os.path.join(workdir, 'retrain'))
-  phase_times['retrain_s'] = time.time() - t
 
   last = result['history'][-1] if result['history'] else {}
   summary = {
@@ -501,8 +498,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
       'warmup_steps': result['warmup_steps'], 'arch_steps': result['arch_steps'],
       'loss': config.loss, **data.info,
       **common.final_results(config, final),
-      'wall_time_s': {k: round(v, 1) for k, v in phase_times.items()},
+      'wall_time_s': common.wall_times(phase_times, final),
   }
-  summary['wall_time_s']['total_s'] = round(time.time() - start, 1)
   wd.write_summary(workdir, summary)
   return summary

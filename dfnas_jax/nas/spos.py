@@ -222,7 +222,6 @@ def check_config(config) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
-  start = time.time()
   check_config(config)  # before the table, the synthesis and the supernet
   common.check_real_data(config)
   dtype = models.compute_dtype(config.compute_dtype)
@@ -238,16 +237,16 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   teacher = retrain.distillation_teacher(config.supernet.loss, config)
 
   # Supernet.
-  t = time.time()
   model = models.build_model(config.space, num_classes, dtype, dropout=config.dropout)
   supernet = train_supernet(config, os.path.join(workdir, 'supernet'), model, train_source,
                             sampler, teacher)
-  phase_times['supernet_s'] = time.time() - t
+  phase_times['supernet_s'] = supernet['wall_time_s']
 
   # Search.
   t = time.time()
   evaluator = subnet_evaluator(config, model, supernet['state'].variables, train_source,
                                val_source)
+  setup_s = time.time() - t
 
   def searchable(arch):  # the reference searches under a FLOPs limit, not the band
     return config.search_flops_max <= 0 or sampler.mflops(arch) <= config.search_flops_max
@@ -259,17 +258,16 @@ def run(config: ml_collections.ConfigDict, workdir: str):
       sample=PathSampler(space, num_classes, config.flops_min, config.flops_max, 'uniform'),
       seed=config.seed, state_path=os.path.join(workdir, 'search', 'state.json'))
   best, best_accuracy = search.run()
-  phase_times['search_s'] = time.time() - t
+  # The evaluator's set-up here, and every generation's time (kept in the search's state).
+  phase_times['search_s'] = setup_s + sum(h['seconds'] for h in search.history)
   best_name = space.architecture_name(best)
   flops, params = space.cost(best, num_classes)
   logging.info('Best architecture %s: %.2f MFLOPs, %d params, search accuracy %.4f',
                best_name, flops / 1e6, params, best_accuracy)
 
   # Retrain from scratch on the same data, evaluate on real data if configured.
-  t = time.time()
   final = common.retrain_architecture(config, best_name, data, config.supernet.loss,
                                       os.path.join(workdir, 'retrain'))
-  phase_times['retrain_s'] = time.time() - t
 
   summary = {
       'stage': 'spos', 'space': config.space, 'best_architecture': best_name,
@@ -279,9 +277,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
       **common.final_results(config, final),
       **(table.summary_entry(best) if table is not None else {}),
       'search_history': search.history,
-      'wall_time_s': {k: round(v, 1) for k, v in phase_times.items()},
+      'wall_time_s': common.wall_times(phase_times, final),
   }
-  summary['wall_time_s']['total_s'] = round(time.time() - start, 1)
   wd.write_summary(workdir, summary)
   return summary
 

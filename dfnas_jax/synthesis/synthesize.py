@@ -13,7 +13,6 @@ identical to that of an uninterrupted run.
 import hashlib
 import json
 import os
-import time
 from typing import Optional
 
 import jax
@@ -130,7 +129,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
-  start_time = time.time()
   n_dev, n_proc = jax.local_device_count(), jax.process_count()
   check_config(config, n_dev, n_proc)
   module, variables, spec = teachers.load(config.teacher, config.teacher_checkpoint or None,
@@ -154,6 +152,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   todo = [s for s in mine if not writer.exists(s)]
   logging.info('Synthesis: %d of %d shards of %d images to do on this host (%d already done).',
                len(todo), len(mine), config.batch_size, len(mine) - len(todo))
+  stopwatch = wd.Stopwatch(workdir, len(mine) - len(todo))
   metric_writer = trainer.make_writer(workdir)
   report = periodic_actions.ReportProgress(
       num_train_steps=max(len(todo) * steps_per_batch, 1), writer=metric_writer, every_secs=30)
@@ -182,6 +181,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
         for i in range(batch)])
     logging.info('Synthesized round %d batch %d: %d/%d shards on this host.', round_index, b,
                  len(mine) - len(todo) + done_shards + 1, len(mine))
+    stopwatch.mark(len(mine) - len(todo) + done_shards + 1)
 
   if n_proc > 1:
     multihost_utils.sync_global_devices('synthesis shards written')
@@ -193,7 +193,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     writer.finalize(
         description=f'Images synthesized from teacher {spec.name} by dfnas_jax.',
         metadata={'teacher': spec.name, 'config': json.loads(config.to_json_best_effort())})
-    summary = _summarize(config, workdir, writer, spec, num_shards, time.time() - start_time)
+    summary = _summarize(config, workdir, writer, spec, num_shards, stopwatch.seconds())
   if n_proc > 1:  # the others go on to read the dataset: wait until it is complete
     multihost_utils.sync_global_devices('synthetic dataset finalized')
     if summary is None:

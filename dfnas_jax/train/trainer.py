@@ -1,6 +1,5 @@
 """The supervised/distillation training loop shared by the teacher and retrain stages."""
 import os
-import time
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax.jax_utils
@@ -10,6 +9,7 @@ import ml_collections
 from absl import logging
 from clu import metric_writers, periodic_actions
 
+from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.train import checkpointing
 from dfnas_jax.train import state as state_lib
@@ -105,7 +105,6 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
   label_smoothing, temperature, image_size, augment, log_every_steps,
   eval_every_steps, checkpoint_every_steps, keep_checkpoints.
   """
-  start_time = time.time()
   check_config(config)
   require_soft_labels(config.loss, teacher, train_source, config.augment, config.image_size)
   steps_per_epoch = ip.steps_per_epoch(train_source, config.batch_size)
@@ -123,6 +122,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
   start_step = int(state.step)
   if start_step:
     logging.info('Resuming from step %d of %d.', start_step, num_steps)
+  stopwatch = wd.Stopwatch(workdir, start_step)
 
   writer = make_writer(workdir)
   report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
@@ -159,6 +159,7 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
                                 config.image_size, config.augment, p_eval_step=p_eval_step)
       writer.write_scalars(step, {f'eval_{k}': v for k, v in eval_results.items()})
     if step % config.checkpoint_every_steps == 0 or last:
+      stopwatch.mark(step)  # first: a checkpoint on disk always has its time
       with report.timed('checkpoint'):
         checkpointing.save(mngr, step, jax.device_get(flax.jax_utils.unreplicate(rstate)),
                            force=last)
@@ -170,4 +171,4 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
     eval_results = evaluate(rstate.variables, eval_source, config.batch_size,
                             config.image_size, config.augment, p_eval_step=p_eval_step)
   return {'state': final, 'num_train_steps': num_steps, 'steps_per_epoch': steps_per_epoch,
-          'eval': eval_results, 'wall_time_s': time.time() - start_time}
+          'eval': eval_results, 'wall_time_s': stopwatch.seconds()}
