@@ -47,12 +47,12 @@ def run(name, parameters, cwd=COLAB):
   return nb
 
 
-def search_parameters(workdir, data_dir, synthetic_dir=''):
+def search_parameters(workdir, data_dir, overrides=None):
   """A NAS notebook (02-04) at smoke scale on WORKDIR, evaluated on the offline copy;
   SYNTHETIC_DIR '' lets the stage synthesize (or reuse) into WORKDIR/synthesize."""
-  return {'SCALE': 'smoke', 'WORKDIR': str(workdir), 'SYNTHETIC_DIR': synthetic_dir,
+  return {'SCALE': 'smoke', 'WORKDIR': str(workdir), 'SYNTHETIC_DIR': '',
           'EVAL_DATASET': 'cifar10_jpeg', 'EVAL_DATA_DIR': data_dir, 'EVAL_SPLIT': EVAL_SPLIT,
-          'DOWNLOAD': False}
+          'DOWNLOAD': False, 'CONFIG_OVERRIDES': overrides or {}}
 
 
 def _outputs(nb, kind):

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from configs import spos as spos_config
 from dfnas_jax import models, teachers
@@ -227,9 +228,18 @@ def test_evolution_improves_respects_constraints_and_resumes(tmp_path):
   assert best_resumed == best and interrupted + resumed == calls
 
 
-def test_spos_smoke_end_to_end_then_notebook_02_reuses_it(data_dir, tmp_path):
+def test_spos_smoke_with_a_users_teacher_then_notebook_02_reuses_it(data_dir, tmp_path):
+  """The main job end to end, with the user's own teacher: a torchvision-layout CIFAR-10
+  ResNet-18 converted to a teacher directory is the one flag (--config.teacher=DIR)."""
+  torch_resnets = pytest.importorskip('tests.torch_resnets')  # needs torch
+  teacher_dir, torch_model = torch_resnets.user_teacher(str(tmp_path / 'teacher'))
+  module, variables, _ = teachers.load(teacher_dir)
+  images = torch_resnets.images_like(32, n=2)
+  assert torch_resnets.compare_logits(module, variables, torch_model, images)[0] < 1e-4
+
   workdir = tmp_path / 'spos'
   args = [f'--config={REPO}/configs/spos.py:smoke', f'--workdir={workdir}',
+          f'--config.teacher={teacher_dir}',
           '--config.eval_dataset=cifar10_jpeg', f'--config.eval_data_dir={data_dir}',
           f'--config.eval_split={notebooks.EVAL_SPLIT}', '--config.download=False']
   out = subprocess.run([sys.executable, '-m', 'dfnas_jax.main', *args], cwd=tmp_path,
@@ -246,13 +256,20 @@ def test_spos_smoke_end_to_end_then_notebook_02_reuses_it(data_dir, tmp_path):
   assert set(summary['wall_time_s']) == {'data_s', 'supernet_s', 'search_s', 'retrain_s',
                                          'total_s'}
   assert len(summary['search_history']) == 2
+  # The teacher the stage synthesized from and distilled from is the user's.
+  assert summary['teacher'] == teacher_dir
+  metadata = tfds.builder_from_directory(summary['dataset']).info.metadata
+  assert metadata['teacher'] == 'my_teacher' and metadata['config']['teacher'] == teacher_dir
+  synthesis = json.loads((workdir / 'synthesize' / 'summary.json').read_text())
+  assert synthesis['teacher'] == 'my_teacher'
   # The retrained network is a loadable model directory (evaluate stage input).
   module, _, spec = teachers.load(summary['retrain_model_dir'])
   assert spec.architecture == summary['best_architecture'] and module.choices == arch
 
   # The notebook on the same work directory and config: everything is reused (same
   # result, nothing trained again), and it shows the run.
-  nb = notebooks.run('02_spos', notebooks.search_parameters(workdir, data_dir))
+  nb = notebooks.run('02_spos', notebooks.search_parameters(workdir, data_dir,
+                                                           {'teacher': teacher_dir}))
   again = notebooks.check_search(nb, workdir)
   assert again['best_architecture'] == summary['best_architecture']
   assert again['final_accuracy'] == summary['final_accuracy']

@@ -174,7 +174,6 @@ def test_two_devices_match_one_device():
   script = textwrap.dedent('''
       import functools, jax, numpy as np, flax.jax_utils
       from dfnas_jax import models, teachers
-from dfnas_jax import workdir as wd
       from dfnas_jax.train import state as state_lib, steps
       assert jax.local_device_count() == 2
       model = models.build_model('cifar_resnet8', 10)

@@ -88,13 +88,16 @@ def save_search(mngr: ocp.CheckpointManager, workdir: str, step: int, rstate: Se
 
 
 def synthetic_data(config, workdir: str) -> Tuple[str, Dict[str, Any], float]:
-  """The dataset to search on: configured, or synthesized (and reused) under WORKDIR;
-  with the seconds its synthesis took (over every attempt, whether done now or reused)."""
+  """The dataset to search on: configured, or synthesized (and reused) under WORKDIR from
+  the stage's teacher; with summary.json's entries for it, and the seconds its synthesis
+  took (over every attempt, whether done now or reused)."""
   if config.dataset:
-    return config.dataset, {'dataset': config.dataset, 'synthesized': False}, 0.0
+    return config.dataset, {'dataset': config.dataset, 'synthesized': False,
+                            'teacher': config.teacher}, 0.0
   summary = synthesize.load_or_run(synthesis_config(config), os.path.join(workdir, 'synthesize'))
   return summary['dataset_dir'], {'dataset': summary['dataset_dir'], 'synthesized': True,
-                                 'num_images': summary['num_images']}, summary['wall_time_s']
+                                 'num_images': summary['num_images'],
+                                 'teacher': config.teacher}, summary['wall_time_s']
 
 
 def synthesis_config(config) -> ml_collections.ConfigDict:
