@@ -80,6 +80,8 @@ def test_clear_errors(source, data_dir, monkeypatch):
     ip.host_batch_size(33)
   with pytest.raises(ValueError, match="Split 'validation' does not exist"):
     ip.get_source('cifar10_jpeg', 'validation', data_dir, download=False)
+  with pytest.raises(ValueError, match=r"Split 'train\[5:5\]' of dataset 'cifar10_jpeg' is empty"):
+    ip.get_source('cifar10_jpeg', 'train[5:5]', data_dir, download=False)
   with pytest.raises(ValueError, match="neither a registered TFDS dataset"):
     ip.get_source('no_such_dataset', 'train', data_dir, download=False)
   with pytest.raises(ValueError, match='augment must be one of'):

@@ -62,6 +62,19 @@ class Settings:
       raise ValueError(f'loss_batch must be one of {LOSS_BATCHES}, got {self.loss_batch!r}')
 
 
+def settings_from_config(config) -> Settings:
+  """The Settings of a synthesis config (configs/synthesize.py)."""
+  canvas = config.canvas if config.regional_update else config.window
+  return Settings(
+      canvas=canvas, window=config.window, regional_update=config.regional_update,
+      jitter=config.jitter, flip=config.flip, lr=config.lr, beta1=config.beta1,
+      beta2=config.beta2, eps=config.eps, warmup_steps=config.warmup_steps,
+      weights=(('main', config.main_weight), ('bn', config.bn_weight),
+               ('tv_l2', config.tv_l2_weight), ('tv_l1', config.tv_l1_weight),
+               ('l2', config.l2_weight)),
+      first_bn_multiplier=config.first_bn_multiplier, loss_batch=config.loss_batch)
+
+
 def image_keys(seed: int, round_index: int, image_indices: np.ndarray) -> jax.Array:
   """One PRNG key per image, from (seed, round, global image index)."""
   base = jax.random.fold_in(jax.random.PRNGKey(seed), round_index)

@@ -39,18 +39,6 @@ def hard_targets(num_images: int, num_classes: int, seed: int) -> np.ndarray:
   return np.concatenate([rng.permutation(num_classes) for _ in range(blocks)])[:num_images]
 
 
-def inversion_settings(config) -> inversion.Settings:
-  canvas = config.canvas if config.regional_update else config.window
-  return inversion.Settings(
-      canvas=canvas, window=config.window, regional_update=config.regional_update,
-      jitter=config.jitter, flip=config.flip, lr=config.lr, beta1=config.beta1,
-      beta2=config.beta2, eps=config.eps, warmup_steps=config.warmup_steps,
-      weights=(('main', config.main_weight), ('bn', config.bn_weight),
-               ('tv_l2', config.tv_l2_weight), ('tv_l1', config.tv_l1_weight),
-               ('l2', config.l2_weight)),
-      first_bn_multiplier=config.first_bn_multiplier, loss_batch=config.loss_batch)
-
-
 def resolution_stages(config):
   """[(downsampling factor, steps)]: low then full resolution, or full only."""
   if config.method == 'gaussian_noise':
@@ -136,7 +124,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   batch = config.batch_size  # a host makes whole batches (shards) on its local devices
   batches_per_round = config.images_per_round // config.batch_size
   num_shards = config.num_rounds * batches_per_round
-  settings = inversion_settings(config)
+  settings = inversion.settings_from_config(config)
   stages = resolution_stages(config)
   steps_per_batch = sum(steps for _, steps in stages)
   out_dir = output_dir(config, workdir)

@@ -1,0 +1,32 @@
+"""benchmarks/compare_torch.py: its PyTorch twins compute what the JAX steps compute.
+
+Batch 2, the smallest SPOS space, one timed call per side; most of the time is compiling
+the two JAX steps.
+"""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                'benchmarks'))
+import compare_torch  # pylint: disable=wrong-import-position  # benchmarks/; JAX on the CPU
+import torch  # pylint: disable=wrong-import-position
+
+
+def test_torch_twins_match_and_a_perturbed_weight_fails(quick_compiles):
+  rows = [(compare_torch.SynthesisBench(batch_size=2), lambda b: b.torch_teacher.conv1.weight,
+           'Teacher logits differ'),
+          (compare_torch.SupernetBench(batch_size=2, space='spos_tiny'),
+           lambda b: b.torch_model.fc.weight, 'losses differ')]
+  for bench, weight, failure in rows:
+    row, parity, _ = compare_torch.run_row(bench, repeats=1, warmup=0)
+    assert row['jax_ms'] > 0 and row['torch_ms'] > 0
+    assert row['ratio'] == pytest.approx(row['torch_ms'] / row['jax_ms'])
+    for jax_loss, torch_loss in parity['losses']:
+      assert torch_loss == pytest.approx(jax_loss, rel=compare_torch.LOSS_RTOL)
+    bench.check()  # timing left the weights the check starts from as they were
+    with torch.no_grad():
+      weight(bench).mul_(1.05)
+    with pytest.raises(compare_torch.ParityError, match=failure):
+      bench.check()
