@@ -89,11 +89,10 @@ def save_search(mngr: ocp.CheckpointManager, workdir: str, step: int, rstate: Se
 
 def synthetic_data(config, workdir: str) -> Tuple[str, Dict[str, Any], float]:
   """The dataset to search on: configured, or synthesized (and reused) under WORKDIR from
-  the stage's teacher; with summary.json's entries for it, and the seconds its synthesis
-  took (over every attempt, whether done now or reused)."""
+  the stage's teacher; with summary.json's entries for it (the teacher it was synthesized
+  from), and the seconds its synthesis took (over every attempt, done now or reused)."""
   if config.dataset:
-    return config.dataset, {'dataset': config.dataset, 'synthesized': False,
-                            'teacher': config.teacher}, 0.0
+    return config.dataset, {'dataset': config.dataset, 'synthesized': False}, 0.0
   summary = synthesize.load_or_run(synthesis_config(config), os.path.join(workdir, 'synthesize'))
   return summary['dataset_dir'], {'dataset': summary['dataset_dir'], 'synthesized': True,
                                  'num_images': summary['num_images'],
