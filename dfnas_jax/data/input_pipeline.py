@@ -108,8 +108,13 @@ def check_files(builder: tfds.core.DatasetBuilder, split: str) -> None:
     size = sum(os.path.getsize(fi.filename) for fi in instructions)
     if size in (info.num_bytes, info.num_bytes + _RECORD_FRAMING * info.num_examples):
       continue
-    bad = [f'{fi.filename} ({_describe_records(fi.filename, fi.examples_in_shard)})'
-           for fi in instructions if _count_records(fi.filename) != fi.examples_in_shard]
+    bad = []
+    for fi in instructions:
+      count = _count_records(fi.filename)
+      if count != fi.examples_in_shard:
+        n = fi.examples_in_shard
+        bad.append(f'{fi.filename} (ends inside a record; expected {n} records)' if count is None
+                   else f'{fi.filename} ({count} records, expected {n})')
     raise ValueError(f'Split {info.name!r} of {builder.data_dir}: its files hold {size} bytes '
                      f'but its metadata records {info.num_bytes}; truncated or foreign: '
                      f'{"; ".join(bad) or "no single file (a file was swapped for another)"}.')
@@ -132,13 +137,6 @@ def _count_records(path: str) -> Optional[int]:
       f.seek(offset)
       count += 1
   return count
-
-
-def _describe_records(path: str, expected: int) -> str:
-  count = _count_records(path)
-  if count is None:
-    return f'ends inside a record; expected {expected} records'
-  return f'{count} records, expected {expected}'
 
 
 def synthetic_view(synthesis) -> Tuple[int, int]:
