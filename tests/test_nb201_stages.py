@@ -106,7 +106,9 @@ def test_nb201_study_scores_table_cells_with_real_data_controls(data_dir, table_
                                                                  quick_compiles):
   config = rc_config.get_config('nb201_smoke')
   config.update(benchmark_table=table_path, real_dataset='cifar10_jpeg', real_data_dir=data_dir,
-                download=False)
+                download=False, stand_alone=True, stand_alone_architectures=2,
+                eval_dataset='cifar10_jpeg', eval_data_dir=data_dir,
+                eval_split='train[45000:45064]')
   rc.run(config, str(tmp_path))
   results = json.loads((tmp_path / 'results.json').read_text())
   table = nasbench201.load(table_path)
@@ -119,16 +121,40 @@ def test_nb201_study_scores_table_cells_with_real_data_controls(data_dir, table_
   # The 12-epoch proxy here is half the truth: a perfect ranking.
   assert results['statistics']['reference']['nb201_12ep']['kendall_tau'] == pytest.approx(1.0)
   assert results['num_images'] == {'full': 32, 'real_same_count': 30}
-  assert not results['scores']['stand_alone']
-  assert '| one_shot | real_same_count |' in (tmp_path / 'results.md').read_text()
+  # Stand-alone: the first 2 cells, trained on real data and on `full` (the real-data
+  # supernet controls have no stand-alone row), each scored against the table on those 2.
+  assert results['stand_alone_architectures'] == 2
+  stand_alone = results['scores']['stand_alone']
+  assert set(stand_alone) == {'real', 'full'} and all(len(s) == 2 for s in stand_alone.values())
+  for v in ('real', 'full'):
+    for i in range(2):
+      model = json.loads((tmp_path / 'stand_alone' / v / str(i) / 'summary.json').read_text())
+      assert model['architecture'] == results['architectures'][i]
+      assert model['eval_accuracy'] == pytest.approx(stand_alone[v][i])
+  def statistics(scores):  # as JSON: an undefined interval (NaN) compares equal
+    return json.dumps(rc.rank_statistics(scores, results['real_accuracy'][:2],
+                                         config.num_bootstrap, config.seed), sort_keys=True)
+
+  stats = results['statistics']
+  assert json.dumps(stats['stand_alone']['real'], sort_keys=True) == statistics(
+      stand_alone['real'])
+  # The supernets' ranking of the same 2 cells, for a like-for-like comparison.
+  assert json.dumps(stats['one_shot_same_cells']['full'], sort_keys=True) == statistics(
+      results['scores']['one_shot']['full'][:2])
+  report = (tmp_path / 'results.md').read_text()
+  assert '| one_shot | real_same_count |' in report and '| stand_alone | real |' in report
+  assert (tmp_path / 'stand_alone.png').stat().st_size > 0
 
 
-def test_nb201_study_needs_a_table_and_rejects_stand_alone():
+def test_nb201_study_needs_a_table_and_something_to_rank():
   config = rc_config.get_config('nb201_smoke')
   with pytest.raises(ValueError, match='needs benchmark_table'):
     rc.check_config(config)
-  config.benchmark_table, config.stand_alone = 'table.json', True
-  with pytest.raises(ValueError, match='one-shot supernets only'):
+  config.benchmark_table, config.one_shot = 'table.json', False
+  with pytest.raises(ValueError, match='nothing to rank'):
+    rc.check_config(config)
+  config.stand_alone, config.eval_dataset = True, ''
+  with pytest.raises(ValueError, match='eval_dataset'):
     rc.check_config(config)
   config = rc_config.get_config('smoke')
   config.variants = 'full,real_same_count'  # only NAS-Bench-201 has real-data supernets
