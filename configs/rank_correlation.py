@@ -40,6 +40,13 @@ def _smoke_data_and_supernet(c: ml_collections.ConfigDict, weight_decay: float) 
   c.num_bootstrap = 50
 
 
+def _smoke_stand_alone(c: ml_collections.ConfigDict) -> None:
+  """Seconds-long stand-alone training, evaluated once on a few test images."""
+  c.train = retrain_config.get_config('smoke')
+  c.train.eval_every_steps = 10 ** 9
+  c.eval_split = 'test[:64]'
+
+
 PRESETS = ('', 'smoke', 'nb201', 'nb201_smoke')
 
 
@@ -113,9 +120,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
     c.num_architectures, c.pool_size = 3, 20
     c.variants = 'full,gaussian_noise'
     _smoke_data_and_supernet(c, weight_decay=4e-5)
-    c.train = retrain_config.get_config('smoke')
-    c.train.eval_every_steps = 10 ** 9
-    c.eval_split = 'test[:64]'
+    _smoke_stand_alone(c)
   elif preset in ('nb201', 'nb201_smoke'):
     c.space = 'nb201-8x1'
     c.num_architectures = 100
@@ -135,9 +140,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
       c.variants = 'full,real_same_count'
       _smoke_data_and_supernet(c, weight_decay=5e-4)
       c.stand_alone_architectures = 3
-      c.train = retrain_config.get_config('smoke')
-      c.train.eval_every_steps = 10 ** 9
-      c.eval_split = 'test[:64]'
+      _smoke_stand_alone(c)
   elif preset:
     raise ValueError(f'Unknown preset {preset!r} for rank_correlation; presets: {PRESETS}')
   return c

@@ -157,6 +157,10 @@ def test_nb201_study_needs_a_table_and_something_to_rank():
   with pytest.raises(ValueError, match='eval_dataset'):
     rc.check_config(config)
   config = rc_config.get_config('smoke')
+  config.stand_alone_architectures = 2  # a SPOS study's ground truth needs all K
+  with pytest.raises(ValueError, match='stand_alone_architectures is for NAS-Bench-201'):
+    rc.check_config(config)
+  config = rc_config.get_config('smoke')
   config.variants = 'full,real_same_count'  # only NAS-Bench-201 has real-data supernets
   with pytest.raises(ValueError, match='real_same_count'):
     rc.check_config(config)

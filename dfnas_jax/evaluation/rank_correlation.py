@@ -280,6 +280,9 @@ def check_config(config) -> None:
   elif not config.stand_alone:
     raise ValueError('The ground truth of a SPOS or DARTS study is stand-alone training on '
                      'real data: set stand_alone=True.')
+  elif config.stand_alone_architectures > 0:
+    raise ValueError('stand_alone_architectures is for NAS-Bench-201 studies: a SPOS or DARTS '
+                     'study trains all K architectures (their ground truth); set it to 0.')
   if config.stand_alone and not config.eval_dataset:
     raise ValueError('eval_dataset must name the real held-out data every ranking is scored on.')
   retrain.check_soft_labels(config)
@@ -340,7 +343,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   # real-data supernet controls have no stand-alone counterpart.
   trained = [REAL] + [v for v in variants if v in VARIANTS]
   num_trained = len(archs)
-  if table is not None and config.stand_alone_architectures > 0:
+  if config.stand_alone_architectures > 0:  # NAS-Bench-201 only (check_config)
     num_trained = min(config.stand_alone_architectures, len(archs))
   total = ((num_trained * len(trained)) if config.stand_alone else 0) + (
       len(variants) if config.one_shot else 0)
@@ -369,7 +372,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                                               config.seed)
                            for v, s in per_variant.items()}
                  for version, per_variant in scores.items() if per_variant}
-  if table is not None and config.stand_alone and config.one_shot:
+  if config.stand_alone and config.one_shot and num_trained < len(archs):
     table_stats['one_shot_same_cells'] = {
         v: rank_statistics(s[:num_trained], truth[:num_trained], config.num_bootstrap,
                            config.seed) for v, s in scores['one_shot'].items()}
