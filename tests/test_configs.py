@@ -88,3 +88,22 @@ def test_the_stages_teacher_reaches_every_phase(name, tmp_path):
     config.retrain_data = 'synthetic,real'
     for rc in common.retrain_configs(config, 'cifar_resnet8', 'data', 'distillation').values():
       assert (rc.teacher, rc.teacher_checkpoint) == (config.teacher, config.teacher_checkpoint)
+
+
+SEARCHES = ('spos', 'darts', 'proxylessnas')
+
+
+@pytest.mark.parametrize('name, preset', [
+    (name, preset) for name in SEARCHES
+    for preset in importlib.import_module(f'configs.{name}').PRESETS if preset != 'imagenet'])
+def test_retraining_on_the_real_training_split_fits_its_schedule(name, preset, data_dir):
+  """retrain_data='synthetic,real' with the preset's schedule: its warm-up, counted in
+  epochs of CIFAR-10's 50,000 training images, is shorter than its steps."""
+  from dfnas_jax.data import input_pipeline as ip
+  from dfnas_jax.train import trainer
+  config = _config(name, preset)
+  assert config.real_dataset == 'cifar10'
+  source = ip.get_source('cifar10_jpeg', config.real_train_split, data_dir, False)
+  assert source.num_examples == 50_000
+  _, total, warmup = trainer.schedule_steps(config.retrain, source)
+  assert 0 <= warmup < total

@@ -2,6 +2,7 @@
 scored against a results table (generated here: every cell, made-up accuracies)."""
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -72,6 +73,19 @@ def test_a_missing_real_retraining_dataset_fails_before_any_work(tmp_path):
   config.retrain_data = 'real,real'
   with pytest.raises(ValueError, match='retrain_data must be one or both of'):
     spos_stage.run(config, str(tmp_path))
+
+
+def test_a_warm_up_longer_than_the_real_retraining_fails_before_any_work(data_dir, tmp_path):
+  config = spos_config.get_config('nb201_smoke')
+  config.update(eval_dataset='', retrain_data='synthetic,real', real_dataset='cifar10_jpeg',
+                real_data_dir=data_dir, real_train_split='train[:640]', download=False)
+  config.retrain.update(batch_size=64, num_train_steps=20, warmup_epochs=2.0)
+  with pytest.raises(ValueError, match=re.escape(
+      "retrain.warmup_epochs=2.0 is 20 steps on 'cifar10_jpeg' 'train[:640]' (640 examples, "
+      '10 steps per epoch at batch 64), not fewer than the whole schedule '
+      '(retrain.num_train_steps=20): lower retrain.warmup_epochs.')):
+    spos_stage.run(config, str(tmp_path))
+  assert not (tmp_path / 'synthesize').exists()
 
 
 def test_darts_on_nb201_derives_the_argmax_cell(data_dir, table_path, tmp_path, quick_compiles):

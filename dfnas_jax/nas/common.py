@@ -222,12 +222,14 @@ def retrain_data(config) -> List[str]:
 
 def check_real_data(config) -> None:
   """Resolves the real data a search ends with (its evaluation split, a real retraining
-  split) before any work, so a missing or misnamed dataset fails first."""
+  split and the retraining schedule on it) before any work, so a missing or misnamed
+  dataset, or a warm-up longer than the schedule on it, fails first."""
   if config.eval_dataset:
     ip.get_source(config.eval_dataset, config.eval_split, config.eval_data_dir, config.download)
   if 'real' in retrain_data(config):
-    ip.get_source(config.real_dataset, config.real_train_split, config.real_data_dir,
-                  config.download)
+    source = ip.get_source(config.real_dataset, config.real_train_split, config.real_data_dir,
+                           config.download)
+    trainer.schedule_steps(config.retrain, source, fields='retrain.')
 
 
 def retrain_configs(config, architecture: str, dataset: str,

@@ -80,10 +80,24 @@ def make_writer(workdir: str):
       workdir, just_logging=jax.process_index() > 0, asynchronous=False)
 
 
-def total_train_steps(config, steps_per_epoch: int) -> int:
-  if config.num_train_steps > 0:
-    return config.num_train_steps
-  return int(config.num_epochs * steps_per_epoch)
+def schedule_steps(config, source: ip.DataSource, fields: str = '') -> Tuple[int, int, int]:
+  """(steps per epoch, total steps, warm-up steps) of `config`'s schedule on `source`:
+  num_train_steps, else num_epochs, and warmup_epochs, in epochs of `source` at
+  batch_size. A warm-up as long as the whole schedule fails here, naming the data and
+  the config fields (`fields` + name)."""
+  per_epoch = ip.steps_per_epoch(source, config.batch_size)
+  total = config.num_train_steps if config.num_train_steps > 0 else int(
+      config.num_epochs * per_epoch)
+  warmup = int(config.warmup_epochs * per_epoch)
+  if total <= warmup:
+    length = (f'{fields}num_train_steps={config.num_train_steps}' if config.num_train_steps > 0
+              else f'{fields}num_epochs={config.num_epochs}, {total} steps')
+    raise ValueError(
+        f'{fields}warmup_epochs={config.warmup_epochs} is {warmup} steps on '
+        f'{source.builder.name!r} {source.split!r} ({source.num_examples} examples, '
+        f'{per_epoch} steps per epoch at batch {config.batch_size}), not fewer than the whole '
+        f'schedule ({length}): lower {fields}warmup_epochs.')
+  return per_epoch, total, warmup
 
 
 def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
@@ -107,11 +121,9 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
   """
   check_config(config)
   require_soft_labels(config.loss, teacher, train_source, config.augment, config.image_size)
-  steps_per_epoch = ip.steps_per_epoch(train_source, config.batch_size)
-  num_steps = total_train_steps(config, steps_per_epoch)
-  lr_fn = state_lib.learning_rate_schedule(
-      config.learning_rate, num_steps, int(config.warmup_epochs * steps_per_epoch),
-      config.lr_schedule)
+  steps_per_epoch, num_steps, warmup_steps = schedule_steps(config, train_source)
+  lr_fn = state_lib.learning_rate_schedule(config.learning_rate, num_steps, warmup_steps,
+                                           config.lr_schedule)
   tx = state_lib.sgd(lr_fn, config.momentum, config.weight_decay, config.nesterov,
                      config.grad_clip)
   state = state_lib.create_train_state(model, jax.random.PRNGKey(config.seed),
