@@ -43,6 +43,15 @@ def test_depthwise_conv_matches_grouped_convolution(kernel, stride, dilation, cp
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=3)
   np.testing.assert_allclose(layers.depthwise_conv(x, w, stride, dilation, cpu_method), expected,
                              atol=1e-5, rtol=1e-5)
+  # The gradients too: 'sum' writes its own (a shifted sum for the input's).
+  g = jax.random.normal(jax.random.PRNGKey(2), expected.shape)
+  grads = jax.grad(lambda x, w: (layers.depthwise_conv(x, w, stride, dilation, cpu_method)
+                                 * g).sum(), (0, 1))(x, w)
+  expected_grads = jax.grad(lambda x, w: (jax.lax.conv_general_dilated(
+      x, w, (stride, stride), ((pad, pad), (pad, pad)), rhs_dilation=(dilation, dilation),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=3) * g).sum(), (0, 1))(x, w)
+  for got, want in zip(grads, expected_grads):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_pooling_does_not_count_padding():

@@ -34,6 +34,23 @@ def test_block_cost_matches_hand_computation():
   assert spos._block_cost(8, 16, 1, 32, 0, affine=True) == (macs, params) == (204800, 256)
 
 
+def test_pointwise_conv_is_a_1x1_convolution():
+  """The same parameters (name, shape, initial values) and outputs and gradients."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 5, 6))
+  mine = layers.PointwiseConv(4)
+  conv = nn.Conv(4, (1, 1), use_bias=False, kernel_init=layers.conv_init)
+  variables = mine.init(jax.random.PRNGKey(3), x)
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+      np.array_equal, variables, conv.init(jax.random.PRNGKey(3), x)))
+  g = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 5, 4))
+  grads = [jax.grad(lambda v, x, m=m: (m.apply(v, x) * g).sum(), (0, 1))(variables, x)
+           for m in (mine, conv)]
+  np.testing.assert_allclose(mine.apply(variables, x), conv.apply(variables, x), rtol=1e-5,
+                             atol=1e-6)
+  for got, want in zip(*map(jax.tree_util.tree_leaves, grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def _counted_macs(model, variables, size):
   """Multiply-adds of every Conv/DepthwiseConv/Dense the model really runs."""
   total = []
@@ -41,7 +58,7 @@ def _counted_macs(model, variables, size):
   def count(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     if context.method_name == '__call__' and isinstance(
-        context.module, (nn.Conv, nn.Dense, layers.DepthwiseConv)):
+        context.module, (nn.Conv, nn.Dense, layers.DepthwiseConv, layers.PointwiseConv)):
       kernel = context.module.variables['params']['kernel']
       total.append(kernel.size * (out.shape[1] * out.shape[2] if out.ndim == 4 else 1))
     return out

@@ -1,10 +1,12 @@
 """Building blocks shared by the search spaces: initializer, depthwise convolution, choice layers."""
+import functools
 import re
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
@@ -39,16 +41,82 @@ def depthwise_conv(x, kernel, stride: int = 1, dilation: int = 1, cpu_method: st
     return jax.lax.conv_general_dilated(
         x, kernel, (stride, stride), ((pad, pad), (pad, pad)), rhs_dilation=(dilation, dilation),
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
-  h, w = out_side(x.shape[1], stride), out_side(x.shape[2], stride)
-  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  offsets = range(0, k * dilation, dilation)
-  windows = [padded[:, di:di + stride * (h - 1) + 1:stride, dj:dj + stride * (w - 1) + 1:stride]
-             for di in offsets for dj in offsets]
   if cpu_method == 'stacked':
+    windows = _windows(x, k, stride, dilation)
     return jnp.einsum('tnhwc,tc->nhwc', jnp.stack(windows), kernel.reshape(k * k, -1))
   if cpu_method != 'sum':
     raise ValueError(f"cpu_method must be 'sum', 'stacked' or 'dense', got {cpu_method!r}")
-  return sum(window * tap for window, tap in zip(windows, kernel.reshape(k * k, -1)))
+  return shifted_sum_conv(x, kernel, stride, dilation)
+
+
+def _windows(x, k: int, stride: int, dilation: int):
+  """The k*k strided views of zero-padded `x` that tap (i, j) of a 'same' kernel reads."""
+  pad = dilation * (k - 1) // 2
+  h, w = out_side(x.shape[1], stride), out_side(x.shape[2], stride)
+  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  offsets = range(0, k * dilation, dilation)
+  return [padded[:, di:di + stride * (h - 1) + 1:stride, dj:dj + stride * (w - 1) + 1:stride]
+          for di in offsets for dj in offsets]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def shifted_sum_conv(x, kernel, stride: int, dilation: int):
+  """Depthwise 'same' convolution as a sum of k*k shifted multiplies (`depthwise_conv`'s
+  CPU method), with its gradients written by hand: XLA:CPU runs autodiff's (scatters into
+  padded, strided slices; k*k window reductions) several times slower
+  (docs/benchmarks.md)."""
+  k = kernel.shape[0]
+  return sum(window * tap for window, tap in zip(_windows(x, k, stride, dilation),
+                                                 kernel.reshape(k * k, -1)))
+
+
+def _shifted_sum_forward(x, kernel, stride, dilation):
+  return shifted_sum_conv(x, kernel, stride, dilation), (x, kernel)
+
+
+def _shifted_sum_backward(stride, dilation, residuals, grad):
+  x, kernel = residuals
+  k, (_, h, w, _) = kernel.shape[0], x.shape
+  pad = dilation * (k - 1) // 2
+  # Output position o reads padded input s*o + d*t, i.e. input s*o + d*t - pad. Spread the
+  # gradient to stride s (interior padding) and shift it so that window t' = k-1-t of the
+  # result lines up with the input: then grad_x = sum_t window_{k-1-t} * kernel_t.
+  low = dilation * (k - 1) - pad
+  def spread(size, out):  # padding of one spatial axis; a negative high side crops
+    return (low, size + pad - (stride * (out - 1) + 1), stride - 1)
+  spread_grad = jax.lax.pad(grad, jnp.zeros((), grad.dtype),
+                            ((0, 0, 0), spread(h, grad.shape[1]), spread(w, grad.shape[2]),
+                             (0, 0, 0)))
+  taps = kernel.reshape(k * k, -1)
+  grad_x = 0
+  for i in range(k):
+    for j in range(k):
+      di, dj = dilation * (k - 1 - i), dilation * (k - 1 - j)
+      grad_x = grad_x + spread_grad[:, di:di + h, dj:dj + w] * taps[i * k + j]
+  grad_kernel = _shifted_sum_kernel_grad(x, grad, k, stride, dilation)
+  return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _shifted_sum_kernel_grad(x, grad, k: int, stride: int, dilation: int):
+  """[k, k, C] gradient of the kernel: per channel, one matrix product over batch and
+  output rows (the k row offsets side by side), then the diagonals that pair each
+  column offset with the output columns."""
+  n, _, _, c = x.shape
+  ho, wo = grad.shape[1], grad.shape[2]
+  pad = dilation * (k - 1) // 2
+  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  wp = padded.shape[2]
+  rows = jnp.stack([padded[:, dilation * i:dilation * i + stride * (ho - 1) + 1:stride]
+                    for i in range(k)], 3)  # [n, ho, wp, k, c]
+  a = rows.transpose(4, 0, 1, 3, 2).reshape(c, n * ho, k * wp)
+  b = grad.transpose(3, 0, 1, 2).reshape(c, n * ho, wo)
+  r = jax.lax.dot_general(a, b, (((1,), (1,)), ((0,), (0,)))).reshape(c, k, wp, wo)
+  cols = np.arange(k)[:, None] * dilation + stride * np.arange(wo)[None, :]
+  taps = r[:, :, cols, np.arange(wo)[None, :]].sum(-1)  # [c, k, k]
+  return taps.transpose(1, 2, 0)
+
+
+shifted_sum_conv.defvjp(_shifted_sum_forward, _shifted_sum_backward)
 
 
 class DepthwiseConv(nn.Module):
@@ -65,6 +133,19 @@ class DepthwiseConv(nn.Module):
     kernel = self.param('kernel', conv_init, (self.kernel_size, self.kernel_size, 1, channels))
     return depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.stride,
                           self.dilation, self.cpu_method)
+
+
+class PointwiseConv(nn.Module):
+  """`nn.Conv(features, (1, 1), use_bias=False)`'s `kernel`, applied as a matrix product over
+  channels: XLA:CPU runs the convolution's gradients several times slower
+  (docs/benchmarks.md)."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', conv_init, (1, 1, x.shape[-1], self.features))
+    return jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
 
 
 # --- Choice layers of one-shot supernets (SPOS, ProxylessNAS) ---------------------------

@@ -29,7 +29,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from dfnas_jax.models.layers import DepthwiseConv, conv_init, out_side, run_choice
+from dfnas_jax.models.layers import (DepthwiseConv, PointwiseConv, conv_init, out_side,
+                                     run_choice)
 from dfnas_jax.models.resnet import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 
 KERNELS = (3, 5, 7)
@@ -147,8 +148,7 @@ class MBConv(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     norm = partial(_norm, train, self.bn_momentum, self.axis_name, self.dtype, self.bn_epsilon)
-    conv1x1 = partial(nn.Conv, kernel_size=(1, 1), use_bias=False, kernel_init=conv_init,
-                      dtype=self.dtype)
+    conv1x1 = partial(PointwiseConv, dtype=self.dtype)
     y = x
     if self.expansion != 1:
       y = nn.relu6(norm(name='expand_bn')(conv1x1(x.shape[-1] * self.expansion,

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dfnas_jax.models.layers import DepthwiseConv, conv_init, out_side, run_choice
+from dfnas_jax.models.layers import DepthwiseConv, PointwiseConv, conv_init, out_side, run_choice
 from dfnas_jax.models.resnet import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 
 CHOICES = ('shufflenet_3x3', 'shufflenet_5x5', 'shufflenet_7x7', 'xception')
@@ -114,8 +114,7 @@ class ChoiceBlock(nn.Module):
       if depthwise:
         y = DepthwiseConv(kernel, stride, self.dtype, name=f'conv{i}')(y)
       else:
-        y = nn.Conv(features, (1, 1), use_bias=False, kernel_init=conv_init, dtype=self.dtype,
-                    name=f'conv{i}')(y)
+        y = PointwiseConv(features, self.dtype, name=f'conv{i}')(y)
       y = norm(name=f'bn{i}')(y)
       return nn.relu(y) if relu else y
 
