@@ -6,8 +6,11 @@
     --config.benchmark_table=/path/to/nasbench201/cifar10.json  # + the offline flags below
 
 On NAS-Bench-201 the K cells are drawn from benchmark_table, whose 200-epoch test
-accuracies are the ground truth (no stand-alone training); the real-data rows
-(`real_same_count`, `real`) train the same supernet on real_dataset images.
+accuracies are the ground truth (no stand-alone training needed for it); the
+real-data rows (`real_same_count`, `real`) train the same supernet on real_dataset
+images. With --config.stand_alone=True the first stand_alone_architectures cells
+are also trained alone: on real_dataset with hard labels (`real`), on each
+synthetic variant and on the `real_same_count` images, by distillation.
 
 Offline copy of CIFAR-10 (ground truth on train[:45000], everything scored on
 train[45000:]):

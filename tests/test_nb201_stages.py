@@ -135,16 +135,21 @@ def test_nb201_study_scores_table_cells_with_real_data_controls(data_dir, table_
   # The 12-epoch proxy here is half the truth: a perfect ranking.
   assert results['statistics']['reference']['nb201_12ep']['kendall_tau'] == pytest.approx(1.0)
   assert results['num_images'] == {'full': 32, 'real_same_count': 30}
-  # Stand-alone: the first 2 cells, trained on real data and on `full` (the real-data
-  # supernet controls have no stand-alone row), each scored against the table on those 2.
+  # Stand-alone: the first 2 cells, trained on real data (hard labels), on `full` and on
+  # as many real images as `full` has (distilled like it), each scored against the table
+  # on those 2.
   assert results['stand_alone_architectures'] == 2
   stand_alone = results['scores']['stand_alone']
-  assert set(stand_alone) == {'real', 'full'} and all(len(s) == 2 for s in stand_alone.values())
-  for v in ('real', 'full'):
+  assert set(stand_alone) == {'real', 'full', 'real_same_count'}
+  assert all(len(s) == 2 for s in stand_alone.values())
+  expected = {'real': ('cross_entropy', 256), 'full': ('distillation', 32),
+              'real_same_count': ('distillation', 30)}  # 3 per class, as in its supernet
+  for v, (loss, count) in expected.items():
     for i in range(2):
       model = json.loads((tmp_path / 'stand_alone' / v / str(i) / 'summary.json').read_text())
       assert model['architecture'] == results['architectures'][i]
       assert model['eval_accuracy'] == pytest.approx(stand_alone[v][i])
+      assert (model['loss'], model['num_train_examples']) == (loss, count), v
   def statistics(scores):  # as JSON: an undefined interval (NaN) compares equal
     return json.dumps(rc.rank_statistics(scores, results['real_accuracy'][:2],
                                          config.num_bootstrap, config.seed), sort_keys=True)

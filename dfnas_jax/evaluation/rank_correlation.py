@@ -25,7 +25,9 @@ synthetic sets hold, or the whole real split) with the teacher's soft labels, an
 the table's own 12-epoch validation accuracy is reported as a cheap real proxy.
 The optional stand-alone version trains the first `stand_alone_architectures` of
 the K cells at the proxy's size: on real data with hard labels (the row `real`,
-a ranking like any other here) and by distillation on each synthetic variant.
+a ranking like any other here), by distillation on each synthetic variant and,
+with `real_same_count` among the variants, by the same distillation on as many
+real images as a synthetic variant has.
 Whether short stand-alone training at that size ranks the cells is what tells a
 failing supernet's weight sharing apart from its small network and budget.
 
@@ -173,6 +175,7 @@ class Study:
     self.variants = variant_names(config)
     self.space = None if config.space == 'darts' else spos.one_shot_space(config.space)
     self._data: Dict[str, str] = {}
+    self._real = None  # (the real training split, its labels), read once
     self._times: List[float] = []  # seconds per cell computed in this run, for the ETA
 
   def _cell_path(self, *parts) -> str:
@@ -212,30 +215,49 @@ class Study:
               teacher=c.teacher, teacher_checkpoint=c.teacher_checkpoint,
               soft_labels=c.soft_labels, download=c.download, eval_dataset=c.eval_dataset,
               eval_data_dir=c.eval_data_dir, eval_split=c.eval_split)
-    if variant == REAL:
+    source = None
+    if variant in REAL_VARIANTS:
       rc.update(dataset=c.real_dataset, data_dir=c.real_data_dir,
-                train_split=c.real_train_split, loss='cross_entropy', augment=c.real_augment)
+                train_split=c.real_train_split, augment=c.real_augment)
+      if variant == REAL:  # hard labels on the whole split
+        rc.update(loss='cross_entropy')
+      else:  # the synthetic sets' count of real images, distilled as they are
+        whole, _, rows = self.real_rows(variant)
+        source = ip.subset(whole, rows)
+        rc.update(loss='distillation', soft_labels='teacher')
     else:
       rc.update(dataset=self.data(variant), data_dir=None, train_split='train',
                 loss='distillation', augment=c.synthetic_augment)
-    result = retrain.run(rc, os.path.join(self.workdir, 'stand_alone', variant, str(index)))
+    result = retrain.run(rc, os.path.join(self.workdir, 'stand_alone', variant, str(index)),
+                         train_source=source)
     return {'accuracy': result['eval_accuracy'], 'train_s': round(result['wall_time_s'], 1)}
 
-  def one_shot_sources(self, variant: str) -> Tuple[ip.DataSource, ip.DataSource]:
-    """(supernet training, held-out) sources of `variant`: class-balanced, random by seed."""
+  def real_rows(self, variant: str) -> Tuple[ip.DataSource, np.ndarray, np.ndarray]:
+    """(the whole real training split, its labels, the rows `variant` uses): every row for
+    'real'; for 'real_same_count' as many as the synthetic sets hold, as evenly over the
+    classes, random by seed."""
     c = self.config
-    if variant in REAL_VARIANTS:
+    if self._real is None:
       whole = ip.get_source(c.real_dataset, c.real_train_split, c.real_data_dir, c.download)
-    else:
-      whole = ip.get_source(self.data(variant), 'train')
-    labels = ip.read_column(whole, common.class_feature(whole))
+      self._real = whole, ip.read_column(whole, common.class_feature(whole))
+    whole, labels = self._real
     rows = np.arange(len(labels))
-    if variant == 'real_same_count':  # as many images, as evenly over classes, as synthesized
+    if variant == 'real_same_count':
       count = c.synthesis.images_per_round * c.synthesis.num_rounds
       rows = np.sort(common.class_balanced_rows(labels, c.seed, per_class=max(
           1, count // whole.num_classes))[1])
-    train_rows, val_rows = common.class_balanced_rows(labels[rows], c.seed,
-                                                      per_class=c.val_per_class)
+    return whole, labels, rows
+
+  def one_shot_sources(self, variant: str) -> Tuple[ip.DataSource, ip.DataSource]:
+    """(supernet training, held-out) sources of `variant`: class-balanced, random by seed."""
+    if variant in REAL_VARIANTS:
+      whole, labels, rows = self.real_rows(variant)
+    else:
+      whole = ip.get_source(self.data(variant), 'train')
+      labels = ip.read_column(whole, common.class_feature(whole))
+      rows = np.arange(len(labels))
+    train_rows, val_rows = common.class_balanced_rows(labels[rows], self.config.seed,
+                                                      per_class=self.config.val_per_class)
     return ip.subset(whole, rows[train_rows]), ip.subset(whole, rows[val_rows])
 
   def one_shot(self, variant: str, archs: List[spos.Arch]) -> Dict[str, List[float]]:
@@ -339,9 +361,9 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   for v in variants:
     if v in VARIANTS:
       study.data(v)
-  # Stand-alone rows: real data (hard labels) and each synthetic variant; the
-  # real-data supernet controls have no stand-alone counterpart.
-  trained = [REAL] + [v for v in variants if v in VARIANTS]
+  # Stand-alone rows: real data (hard labels), each synthetic variant and, on
+  # NAS-Bench-201, 'real_same_count' (as many real images, distilled the same way).
+  trained = [REAL] + [v for v in variants if v in VARIANTS or v == 'real_same_count']
   num_trained = len(archs)
   if config.stand_alone_architectures > 0:  # NAS-Bench-201 only (check_config)
     num_trained = min(config.stand_alone_architectures, len(archs))

@@ -6,6 +6,7 @@ also train on hard labels. The result is evaluated on a real split when one is
 configured, which is how the quality of synthetic data is measured.
 """
 import os
+from typing import Optional
 
 import jax
 import ml_collections
@@ -42,10 +43,14 @@ def distillation_teacher(loss: str, config):
   return None
 
 
-def run(config: ml_collections.ConfigDict, workdir: str):
+def run(config: ml_collections.ConfigDict, workdir: str,
+        train_source: Optional[ip.DataSource] = None):
+  """Trains `config.architecture` on `config.dataset`'s `train_split`, or on `train_source`
+  when given (a subset of it that no split string names, e.g. class-balanced rows)."""
   check_config(config)
-  train_source = ip.get_source(config.dataset, config.train_split, config.data_dir,
-                               config.download)
+  if train_source is None:
+    train_source = ip.get_source(config.dataset, config.train_split, config.data_dir,
+                                 config.download)
   eval_source = (ip.get_source(config.eval_dataset, config.eval_split, config.eval_data_dir,
                                config.download) if config.eval_dataset else None)
   if eval_source is not None and eval_source.num_classes != train_source.num_classes:
@@ -64,7 +69,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   summary = {
       'stage': 'retrain', 'architecture': config.architecture,
       'num_params': int(sum(x.size for x in jax.tree_util.tree_leaves(state.params))),
-      'train_data': config.dataset, 'train_split': config.train_split, 'loss': config.loss,
+      'train_data': config.dataset, 'train_split': config.train_split,
+      'num_train_examples': train_source.num_examples, 'loss': config.loss,
       'label_smoothing': config.label_smoothing,
       'soft_labels': config.soft_labels if config.loss == 'distillation' else None,
       'num_train_steps': result['num_train_steps'],
