@@ -227,11 +227,10 @@ def test_bad_config_is_a_clear_error(teacher_dir, tmp_path):
 def test_two_devices_equal_one_device(teacher_dir, tmp_path):
   """The same batches of 8 on 2 simulated devices (shards of 4) or on 1: the same dataset.
 
-  Both rounds aim at hard targets. With label calibration, round 1 aims at round 0's
-  logits, and lr 0.25 turns their rounding-level difference (4.7e-4 here) into round-1
-  logits 1.5e-2 and images 27/255 apart; without it round 1 agrees to 6.6e-7 (measured,
-  docs/benchmarks.md): that is the inversion's sensitivity to its targets, not sharding.
-  Calibration itself is host code: test_dataset_round_trip_and_label_calibration.
+  Both rounds aim at hard targets: with label calibration, round 1 aims at round 0's
+  logits and inherits their rounding difference, which lr 0.25 amplifies far past it
+  (measured in docs/data_quality.md): the inversion's sensitivity to its targets, not
+  sharding. Calibration itself is host code: test_dataset_round_trip_and_label_calibration.
   """
   script = textwrap.dedent(f'''
       import sys, jax, numpy as np, tensorflow_datasets as tfds

@@ -49,11 +49,16 @@ def depthwise_conv(x, kernel, stride: int = 1, dilation: int = 1, cpu_method: st
   return shifted_sum_conv(x, kernel, stride, dilation)
 
 
+def _same_padded(x, k: int, dilation: int):
+  """`x` zero-padded on both spatial sides by PyTorch's 'same' padding d * (k - 1) // 2."""
+  pad = dilation * (k - 1) // 2
+  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+
 def _windows(x, k: int, stride: int, dilation: int):
   """The k*k strided views of zero-padded `x` that tap (i, j) of a 'same' kernel reads."""
-  pad = dilation * (k - 1) // 2
   h, w = out_side(x.shape[1], stride), out_side(x.shape[2], stride)
-  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  padded = _same_padded(x, k, dilation)
   offsets = range(0, k * dilation, dilation)
   return [padded[:, di:di + stride * (h - 1) + 1:stride, dj:dj + stride * (w - 1) + 1:stride]
           for di in offsets for dj in offsets]
@@ -103,8 +108,7 @@ def _shifted_sum_kernel_grad(x, grad, k: int, stride: int, dilation: int):
   column offset with the output columns."""
   n, _, _, c = x.shape
   ho, wo = grad.shape[1], grad.shape[2]
-  pad = dilation * (k - 1) // 2
-  padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  padded = _same_padded(x, k, dilation)
   wp = padded.shape[2]
   rows = jnp.stack([padded[:, dilation * i:dilation * i + stride * (ho - 1) + 1:stride]
                     for i in range(k)], 3)  # [n, ho, wp, k, c]
