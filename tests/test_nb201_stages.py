@@ -164,6 +164,14 @@ def test_nb201_study_scores_table_cells_with_real_data_controls(data_dir, table_
   assert '| one_shot | real_same_count |' in report and '| stand_alone | real |' in report
   assert (tmp_path / 'stand_alone.png').stat().st_size > 0
 
+  # Stand-alone only, on the same work directory: every cell is reused, and the image
+  # counts come from the data now that no supernet reports them.
+  config.one_shot = False
+  rc.run(config, str(tmp_path))
+  again = json.loads((tmp_path / 'results.json').read_text())
+  assert again['scores']['stand_alone'] == stand_alone and not again['scores']['one_shot']
+  assert again['num_images'] == results['num_images']
+
 
 def test_nb201_study_needs_a_table_and_something_to_rank():
   config = rc_config.get_config('nb201_smoke')

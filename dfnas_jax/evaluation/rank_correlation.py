@@ -248,6 +248,12 @@ class Study:
           1, count // whole.num_classes))[1])
     return whole, labels, rows
 
+  def num_images(self, variant: str) -> int:
+    """How many images `variant` holds: real rows, or its synthetic dataset's."""
+    if variant in REAL_VARIANTS:
+      return len(self.real_rows(variant)[2])
+    return ip.get_source(self.data(variant), 'train').num_examples
+
   def one_shot_sources(self, variant: str) -> Tuple[ip.DataSource, ip.DataSource]:
     """(supernet training, held-out) sources of `variant`: class-balanced, random by seed."""
     if variant in REAL_VARIANTS:
@@ -400,8 +406,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                            config.seed) for v, s in scores['one_shot'].items()}
   ground_truth = ('NAS-Bench-201 CIFAR-10 test accuracy, 200 epochs' if table is not None
                   else f'{config.real_dataset} {config.real_train_split}, stand-alone')
-  num_images = {v: (one_shot[v]['num_images'] if 'num_images' in one_shot.get(v, {})
-                    else ip.get_source(study.data(v), 'train').num_examples) for v in variants}
+  num_images = {v: one_shot[v]['num_images'] if 'num_images' in one_shot.get(v, {})
+                else study.num_images(v) for v in variants}
   results = {
       'stage': 'rank_correlation', 'space': config.space, 'architectures': names,
       'size': sizes, 'size_unit': size_unit, 'ground_truth': ground_truth,
