@@ -54,7 +54,7 @@ def test_space_layers_zero_candidates_costs_and_names():
 
 
 @pytest.mark.parametrize('layer_index', [0, 2])  # with and without the zero candidate
-def test_mixed_layer_path_and_gate_modes_compute_the_same_candidate(layer_index):
+def test_mixed_layer_path_and_gate_modes_compute_the_same_candidate(layer_index, quick_compiles):
   layer = list(TINY.layers())[layer_index]
   mixed = space_lib.MixedLayer(layer, functools.partial(space_lib.MBConv, axis_name=None))
   x = jax.random.normal(jax.random.PRNGKey(0), (2, layer.side, layer.side, layer.in_channels))
@@ -76,7 +76,7 @@ def test_mixed_layer_path_and_gate_modes_compute_the_same_candidate(layer_index)
 
 @pytest.mark.parametrize('layer_index', [0, 2])  # with and without the zero candidate
 @pytest.mark.parametrize('mode', ['full', 'two'])
-def test_gate_estimator_equals_the_gradient_of_the_expected_loss(layer_index, mode):
+def test_gate_estimator_equals_the_gradient_of_the_expected_loss(layer_index, mode, quick_compiles):
   """For a loss linear in the gates (one layer), the binary-gate estimator is exact:
   it equals d/dalpha of E_{active ~ p}[L], with p over all allowed candidates
   ('full') or renormalized over the sampled pair ('two')."""
@@ -173,7 +173,7 @@ def test_layerwise_adam_is_torch_adam_with_one_parameter_per_layer():
   np.testing.assert_allclose(params, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_two_path_arch_step_moves_only_the_drawn_pairs_and_skips_zero_layers():
+def test_two_path_arch_step_moves_only_the_drawn_pairs_and_skips_zero_layers(quick_compiles):
   """The reference's two-path step with the cost term on: E[cost] over each layer's
   drawn pair, renormalized (`current_prob_over_ops`); its gradient and the gates'
   reach only the pair, and undrawn logits stay exactly as they were (Adam with

@@ -84,7 +84,7 @@ def test_inversion_loss_falls(teacher_dir):
   np.testing.assert_allclose(logits_a, logits_b, rtol=1e-4, atol=1e-4)
 
 
-def test_gradient_is_zero_outside_the_window(teacher_dir):
+def test_gradient_is_zero_outside_the_window(teacher_dir, quick_compiles):
   module, variables, _ = teachers.load(teacher_dir)
   settings = inversion.Settings(canvas=24, window=16, flip=True)
   inverter = inversion.Inverter(module.apply, variables, module.mean, module.std, settings,
@@ -331,7 +331,8 @@ def test_global_loss_batch_does_not_depend_on_the_device_count(tmp_path):
 
 
 @pytest.mark.parametrize('soft_labels', ['teacher', 'stored'])
-def test_student_distils_from_synthetic_data(teacher_dir, data_dir, tmp_path, soft_labels):
+def test_student_distils_from_synthetic_data(
+    teacher_dir, data_dir, tmp_path, soft_labels, quick_compiles):
   from configs import retrain as retrain_config
   from dfnas_jax.evaluation import retrain
   # Stored logits label whole images only: canvases (regional update) need the teacher.

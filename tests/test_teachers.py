@@ -10,8 +10,8 @@ from dfnas_jax.train import state as state_lib, trainer
 
 
 def _num_params(name, num_classes):
-  variables = state_lib.init_variables(models.build_model(name, num_classes),
-                                       jax.random.PRNGKey(0), 32)
+  model = models.build_model(name, num_classes)  # shapes only: nothing is compiled
+  variables = jax.eval_shape(lambda: state_lib.init_variables(model, jax.random.PRNGKey(0), 32))
   return sum(x.size for x in jax.tree_util.tree_leaves(variables['params']))
 
 
