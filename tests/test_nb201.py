@@ -10,6 +10,7 @@ import pytest
 from dfnas_jax import models
 from dfnas_jax.models import layers, nb201
 from dfnas_jax.train import state as state_lib
+from tests import model_counts
 from tests.supernet_steps import counting_path_step, leaf
 
 SKIP, NONE, CONV1, CONV3, POOL = (nb201.OPS.index(op) for op in (
@@ -114,26 +115,8 @@ def test_names_round_trip_and_bad_ones_are_rejected():
 
 def _counted(model, variables, size):
   """(multiply-adds of the convolutions and Dense layers `model` really runs, parameters)."""
-  total = []
-
-  def count(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    if context.method_name == '__call__' and isinstance(context.module,
-                                                     (nn.Conv, nn.Dense, nb201.SameConv)):
-      kernel = context.module.variables['params']['kernel']
-      total.append(kernel.size * (out.shape[1] * out.shape[2] if out.ndim == 4 else 1))
-    return out
-
-  def run(variables):
-    with nn.intercept_methods(count):
-      model.apply(variables, jnp.zeros((1, size, size, 3)))
-  jax.eval_shape(run, variables)  # shapes are enough: nothing is computed
-  return sum(total), sum(x.size for x in jax.tree_util.tree_leaves(variables['params']))
-
-
-def _shapes(model, size, **kwargs):
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)),
-                                           **kwargs))
+  return (model_counts.multiply_adds(model, variables, size, (nn.Conv, nn.Dense, nb201.SameConv)),
+          model_counts.num_params(variables))
 
 
 @pytest.mark.parametrize('channels,cells,size', [(4, 1, 8), (8, 2, 16)])
@@ -143,11 +126,11 @@ def test_analytic_cost_equals_the_network(channels, cells, size):
       tuple(int(o) for o in rng.integers(0, 5, 6)) for _ in range(4)]
   for arch in archs:
     model = models.build_model(nb201.architecture_name(arch, channels, cells), 10)
-    counted = _counted(model, _shapes(model, size), size)
+    counted = _counted(model, model_counts.shapes(model, size), size)
     assert nb201.cost(arch, 10, channels, cells, size) == counted, arch
   # One path of the supernet: its cells' BNs are affine-free.
   supernet = models.build_model(nb201.architecture_name(None, channels, cells), 10)
-  params = _shapes(supernet, size)['params']
+  params = model_counts.shapes(supernet, size)['params']
   ones = jax.tree_util.tree_map(lambda x: jnp.ones(x.shape), params)
   zeros = jax.tree_util.tree_map(jnp.zeros_like, ones)
   for arch in archs[:3]:
@@ -166,7 +149,7 @@ def test_benchmark_network_matches_the_published_sizes():
   assert nb201.cost((CONV3,) * 6, 100)[1] == 1_537_396
   assert nb201.cost((NONE,) * 6, 100)[1] == 79_156
   model = models.build_model(nb201.architecture_name((CONV3,) * 6), 10)
-  assert _counted(model, _shapes(model, 32), 32) == (220_119_680, 1_531_546)
+  assert _counted(model, model_counts.shapes(model, 32), 32) == (220_119_680, 1_531_546)
 
 
 def _standalone_variables(supernet_variables, arch):
@@ -230,7 +213,7 @@ def test_supernet_compiles_once_keeps_unused_choices_and_equals_the_standalone_n
   standalone = models.build_model(nb201.architecture_name(ALL_OPS, 4, 1), 10)
   standalone_variables = _standalone_variables(variables, ALL_OPS)
   assert (jax.tree_util.tree_structure(standalone_variables)
-          == jax.tree_util.tree_structure(_shapes(standalone, 8)))
+          == jax.tree_util.tree_structure(model_counts.shapes(standalone, 8)))
   images = batch['image'][0]
   arch = jnp.asarray(ALL_OPS, jnp.int32)
   for train in (False, True):
@@ -245,7 +228,7 @@ def test_search_network_reduces_to_the_path_of_one_hot_alphas(quick_compiles):
   variables = state_lib.init_variables(search, jax.random.PRNGKey(1), 8)
   # One layout: weights move between DARTS and one-shot training unchanged.
   assert (jax.tree_util.tree_structure(variables)
-          == jax.tree_util.tree_structure(_shapes(supernet, 8)))
+          == jax.tree_util.tree_structure(model_counts.shapes(supernet, 8)))
   images = np.random.default_rng(0).random((4, 8, 8, 3), np.float32)
   for arch in (ALL_OPS, (SKIP, CONV1, POOL, NONE, CONV3, SKIP)):
     alphas = {'cell': 1e4 * jax.nn.one_hot(jnp.asarray(arch), len(nb201.OPS))}

@@ -7,7 +7,6 @@ import sys
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -19,7 +18,7 @@ from dfnas_jax.nas import common as nas_common
 from dfnas_jax.nas import evolution
 from dfnas_jax.nas import spos as spos_stage
 from dfnas_jax.train import state as state_lib
-from tests import notebooks
+from tests import model_counts, notebooks
 from tests.supernet_steps import counting_path_step, leaf
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,25 +52,8 @@ def test_pointwise_conv_is_a_1x1_convolution():
 
 def _counted_macs(model, variables, size):
   """Multiply-adds of every Conv/DepthwiseConv/Dense the model really runs."""
-  total = []
-
-  def count(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    if context.method_name == '__call__' and isinstance(
-        context.module, (nn.Conv, nn.Dense, layers.DepthwiseConv, layers.PointwiseConv)):
-      kernel = context.module.variables['params']['kernel']
-      total.append(kernel.size * (out.shape[1] * out.shape[2] if out.ndim == 4 else 1))
-    return out
-
-  def run(variables):
-    with nn.intercept_methods(count):
-      model.apply(variables, jnp.zeros((1, size, size, 3)))
-  jax.eval_shape(run, variables)  # shapes are enough: nothing is computed
-  return sum(total)
-
-
-def _shapes(model, size=32):
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))
+  return model_counts.multiply_adds(model, variables, size, (
+      nn.Conv, nn.Dense, layers.DepthwiseConv, layers.PointwiseConv))
 
 
 @pytest.mark.parametrize('space_name', ['spos_tiny', 'spos_cifar'])
@@ -81,9 +63,9 @@ def test_analytic_cost_equals_the_network(space_name):
   for _ in range(2):
     arch = tuple(int(c) for c in rng.integers(0, 4, space.num_layers))
     model = models.build_model(spos.architecture_name(space_name, arch), 10)
-    variables = _shapes(model)
+    variables = model_counts.shapes(model, 32)
     macs, params = spos.cost(space, arch, 10)
-    assert params == sum(x.size for x in jax.tree_util.tree_leaves(variables['params']))
+    assert params == model_counts.num_params(variables)
     assert macs == _counted_macs(model, variables, 32)
 
 
@@ -100,17 +82,17 @@ def test_stride2_projection_has_the_choice_kernel_as_in_the_reference():
   assert spos.cost(reference, (1,) * 20, 1000)[0] / 1e6 == pytest.approx(313.65, abs=0.02)
   assert spos.cost(reference, (2,) * 20, 1000)[0] / 1e6 == pytest.approx(340.37, abs=0.02)
   # spos_tiny's layers 1-3 have stride 2; each supernet choice has its own projection.
-  params = _shapes(models.build_model('spos_tiny', 10))['params']
+  params = model_counts.shapes(models.build_model('spos_tiny', 10), 32)['params']
   for layer in (1, 2, 3):
     assert [params[f'layer{layer}'][f'choices_{c}']['conv0']['kernel'].shape[0]
             for c in range(4)] == [3, 5, 7, 3]
   arch = (0, 1, 2, 3)  # projections 5x5, 7x7, 3x3: the analytic count follows them
   model = models.build_model(spos.architecture_name('spos_tiny', arch), 10)
-  variables = _shapes(model)
+  variables = model_counts.shapes(model, 32)
   assert [variables['params'][f'layer{i}']['conv0']['kernel'].shape[0] for i in (1, 2, 3)] == [
       5, 7, 3]
   macs, params = spos.cost(TINY, arch, 10)
-  assert params == sum(x.size for x in jax.tree_util.tree_leaves(variables['params']))
+  assert params == model_counts.num_params(variables)
   assert macs == _counted_macs(model, variables, 32)
 
 

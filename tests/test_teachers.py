@@ -7,12 +7,13 @@ from dfnas_jax import models, teachers
 from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.train import state as state_lib, trainer
+from tests import model_counts
 
 
 def _num_params(name, num_classes):
   model = models.build_model(name, num_classes)  # shapes only: nothing is compiled
   variables = jax.eval_shape(lambda: state_lib.init_variables(model, jax.random.PRNGKey(0), 32))
-  return sum(x.size for x in jax.tree_util.tree_leaves(variables['params']))
+  return model_counts.num_params(variables)
 
 
 def test_parameter_counts():
