@@ -3,8 +3,11 @@
 Its location: $DFNAS_TEST_DATA_DIR, else ../shared/data/tfds next to the repository.
 The NAS-Bench-201 results table: $DFNAS_NB201_TABLE, else
 ../shared/data/nasbench201/cifar10.json next to the repository.
-The package itself never needs these copies.
+The package itself never needs these copies. Without them (or without torch) the tests
+that need them skip, each saying why; with DFNAS_TEST_NO_SKIPS=1 (set by .ci/run) a missing
+copy stops the run before it starts and any skipped test fails it.
 """
+import importlib.util
 import os
 import pathlib
 import shutil
@@ -12,7 +15,10 @@ import tempfile
 
 import pytest
 
+pytest_plugins = ('pytester',)  # tests/test_skip_policy.py runs this file on sample tests
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
+NO_SKIPS = os.environ.get('DFNAS_TEST_NO_SKIPS') == '1'
 
 
 def pytest_configure(config):
@@ -20,6 +26,8 @@ def pytest_configure(config):
   before JAX is imported: xdist workers, stage subprocesses and notebook kernels inherit
   it through the environment, so a step compiled by one test is read back by the next."""
   if not hasattr(config, 'workerinput'):  # the main process, not an xdist worker
+    if NO_SKIPS:
+      _require_everything()
     config.jax_cache = tempfile.mkdtemp(prefix='dfnas-test-jax-cache-')
     os.environ['JAX_COMPILATION_CACHE_DIR'] = config.jax_cache
 
@@ -27,6 +35,29 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
   if getattr(config, 'jax_cache', None):
     shutil.rmtree(config.jax_cache, ignore_errors=True)
+
+
+def _require_everything():
+  missing = []
+  if not os.path.isdir(os.path.join(_data_dir(), 'cifar10_jpeg')):
+    missing.append(f'the offline cifar10_jpeg under {_data_dir()} (DFNAS_TEST_DATA_DIR)')
+  if not os.path.isfile(_nb201_table()):
+    missing.append(f'the NAS-Bench-201 table {_nb201_table()} (DFNAS_NB201_TABLE)')
+  if importlib.util.find_spec('torch') is None:
+    missing.append("torch (pip install 'torch==2.13.0', the CPU build)")
+  if missing:
+    raise pytest.UsageError('DFNAS_TEST_NO_SKIPS=1, but these are missing: ' + '; '.join(missing))
+
+
+def pytest_sessionfinish(session, exitstatus):
+  """Under DFNAS_TEST_NO_SKIPS=1 a skipped test fails the run (pytest alone exits 0)."""
+  if not NO_SKIPS or hasattr(session.config, 'workerinput'):
+    return
+  reporter = session.config.pluginmanager.get_plugin('terminalreporter')
+  skipped = reporter.stats.get('skipped', []) if reporter else []
+  if skipped and exitstatus == 0:
+    reporter.write_line(f'DFNAS_TEST_NO_SKIPS=1: {len(skipped)} test(s) skipped', red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def _data_dir():
@@ -41,10 +72,14 @@ def data_dir():
   return path
 
 
+def _nb201_table():
+  return os.environ.get('DFNAS_NB201_TABLE',
+                        str(REPO.parent / 'shared' / 'data' / 'nasbench201' / 'cifar10.json'))
+
+
 @pytest.fixture(scope='session')
 def nb201_table_path():
-  path = os.environ.get('DFNAS_NB201_TABLE',
-                        str(REPO.parent / 'shared' / 'data' / 'nasbench201' / 'cifar10.json'))
+  path = _nb201_table()
   if not os.path.isfile(path):
     pytest.skip(f'NAS-Bench-201 table {path} not found (set DFNAS_NB201_TABLE)')
   return path

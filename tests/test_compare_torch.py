@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
+torch = pytest.importorskip('torch', reason='the PyTorch twins need torch')
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 'benchmarks'))
 import compare_torch  # pylint: disable=wrong-import-position  # benchmarks/; JAX on the CPU
-import torch  # pylint: disable=wrong-import-position
 
 
 def test_torch_twins_match_and_a_perturbed_weight_fails(quick_compiles):

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-torch = pytest.importorskip('torch')
+torch = pytest.importorskip('torch', reason='the converter parity tests need torch')
 
 from dfnas_jax import models, teachers  # noqa: E402
 from dfnas_jax.teachers import convert  # noqa: E402

@@ -235,7 +235,8 @@ def test_evolution_improves_respects_constraints_and_resumes(tmp_path):
 def test_spos_smoke_with_a_users_teacher_then_notebook_02_reuses_it(data_dir, tmp_path):
   """The main job end to end, with the user's own teacher: a torchvision-layout CIFAR-10
   ResNet-18 converted to a teacher directory is the one flag (--config.teacher=DIR)."""
-  torch_resnets = pytest.importorskip('tests.torch_resnets')  # needs torch
+  pytest.importorskip('torch', reason='the user teacher is converted from a PyTorch ResNet')
+  from tests import torch_resnets
   teacher_dir, torch_model = torch_resnets.user_teacher(str(tmp_path / 'teacher'))
   module, variables, _ = teachers.load(teacher_dir)
   images = torch_resnets.images_like(32, n=2)
