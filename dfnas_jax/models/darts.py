@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dfnas_jax.models import layers
 from dfnas_jax.models.layers import DepthwiseConv, conv_init, out_side
 from dfnas_jax.models.resnet import CIFAR10_MEAN, CIFAR10_STD
 
@@ -64,9 +65,7 @@ class Genotype:
 
 def batch_norm(train: bool, affine: bool, axis_name: Optional[str], dtype, name=None):
   """PyTorch BatchNorm2d defaults (momentum 0.1 = flax 0.9, eps 1e-5)."""
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      use_scale=affine, use_bias=affine, dtype=dtype,
-                      axis_name=axis_name if train else None, name=name)
+  return layers.batch_norm(train, 0.9, axis_name, dtype, affine=affine)(name=name)
 
 
 class _Block(nn.Module):
@@ -293,7 +292,7 @@ def cell_plan(init_channels: int, layers: int):
 
 def _stem(net: nn.Module, images, train: bool, affine: bool):
   """Normalize, 3x3 convolution to stem_multiplier * init_channels, BN."""
-  x = ((images - jnp.asarray(net.mean)) / jnp.asarray(net.std)).astype(net.dtype)
+  x = layers.normalize(images, net.mean, net.std, net.dtype)
   x = nn.Conv(net.stem_multiplier * net.init_channels, (3, 3), padding=((1, 1), (1, 1)),
               use_bias=False, kernel_init=conv_init, dtype=net.dtype, name='stem_conv')(x)
   return batch_norm(train, affine, net.axis_name, net.dtype, name='stem_bn')(x)

@@ -8,7 +8,57 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# torchvision's default: kaiming-normal, fan-out, for ReLU.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def batch_norm(train: bool, momentum: float, axis_name: Optional[str], dtype, *,
+               affine: bool = True, epsilon: float = 1e-5) -> Callable[..., nn.BatchNorm]:
+  """nn.BatchNorm as every network here uses it, awaiting `name=`: batch statistics
+  reduced over `axis_name` in training, the running ones otherwise."""
+  return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=momentum,
+                           epsilon=epsilon, use_scale=affine, use_bias=affine, dtype=dtype,
+                           axis_name=axis_name if train else None)
+
+
+def normalize(images, mean: Sequence[float], std: Sequence[float], dtype):
+  """Images in [0, 1] -> the network's input: every model normalizes its own inputs."""
+  return ((images - jnp.asarray(mean)) / jnp.asarray(std)).astype(dtype)
+
+
+class LayerwiseNet(nn.Module):
+  """The fields the layer-wise spaces' networks (SPOS, ProxylessNAS) share: a supernet
+  (`choices=None`) or one architecture of `space`, whose input statistics it uses."""
+  space: Any  # the space module's SearchSpace
+  num_classes: int
+  choices: Optional[Tuple[int, ...]] = None
+  dropout: float = 0.0
+  bn_momentum: float = 0.9
+  axis_name: Optional[str] = 'batch'
+  dtype: Any = jnp.float32
+
+  @property
+  def mean(self):
+    return self.space.mean
+
+  @property
+  def std(self):
+    return self.space.std
+
+
+def digits_name(space: str, choices: Sequence[int]) -> str:
+  """The name of a layer-wise architecture: '<space>:<one digit per layer>'."""
+  return f'{space}:' + ''.join(str(c) for c in choices)
+
+
+def parse_digits_name(name: str, spaces, kind: str) -> Tuple[str, Optional[Tuple[int, ...]]]:
+  """'<space>' -> (space, None); '<space>:0123...' -> (space, choices checked by the space)."""
+  match = re.fullmatch(r'(\w+?)(?::(\d+))?', name)
+  if not match or match.group(1) not in spaces:
+    raise ValueError(f'{name!r} is not a {kind} architecture: expected one of {sorted(spaces)}, '
+                     'optionally followed by ":" and one digit per layer.')
+  space, digits = match.groups()
+  return space, spaces[space].check(digits) if digits else None
 
 
 def out_side(side: int, stride: int) -> int:

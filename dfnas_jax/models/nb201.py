@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dfnas_jax.models.layers import conv_init, run_choice
+from dfnas_jax.models.layers import batch_norm, conv_init, normalize, run_choice
 from dfnas_jax.models.resnet import CIFAR10_MEAN, CIFAR10_STD
 
 OPS = ('none', 'skip_connect', 'nor_conv_1x1', 'nor_conv_3x3', 'avg_pool_3x3')
@@ -170,9 +170,8 @@ class _Block(nn.Module):
       pad = (kernel - 1) // 2
       x = nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
                   use_bias=False, kernel_init=conv_init, dtype=self.dtype, name='conv')(nn.relu(x))
-    return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
-                        use_scale=self.affine, use_bias=self.affine, dtype=self.dtype,
-                        axis_name=self.axis_name if train else None, name='bn')(x)
+    return batch_norm(train, self.bn_momentum, self.axis_name, self.dtype,
+                      affine=self.affine)(name='bn')(x)
 
   def settings(self):
     return dict(affine=self.affine, bn_momentum=self.bn_momentum, axis_name=self.axis_name,
@@ -313,10 +312,8 @@ class _Network(nn.Module):
   def skeleton(self, images, cell, train: bool):
     settings = dict(affine=True, bn_momentum=self.bn_momentum, axis_name=self.axis_name,
                     dtype=self.dtype)
-    norm = lambda name: nn.BatchNorm(
-        use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
-        dtype=self.dtype, axis_name=self.axis_name if train else None, name=name)
-    x = ((images - jnp.asarray(self.mean)) / jnp.asarray(self.std)).astype(self.dtype)
+    norm = lambda name: batch_norm(train, self.bn_momentum, self.axis_name, self.dtype)(name=name)
+    x = normalize(images, self.mean, self.std, self.dtype)
     x = nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                 kernel_init=conv_init, dtype=self.dtype, name='stem_conv')(x)
     x = norm('stem_bn')(x)  # no ReLU, as in the benchmark: its conv ops start with one

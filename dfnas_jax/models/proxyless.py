@@ -21,7 +21,6 @@ accepts like any zoo name.
 """
 import dataclasses
 import itertools
-import re
 from functools import partial
 from typing import Any, Iterator, NamedTuple, Optional, Sequence, Tuple
 
@@ -29,8 +28,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from dfnas_jax.models.layers import (DepthwiseConv, PointwiseConv, conv_init, out_side,
-                                     run_choice)
+from dfnas_jax.models.layers import (DepthwiseConv, LayerwiseNet, PointwiseConv, batch_norm,
+                                     conv_init, digits_name, normalize, out_side,
+                                     parse_digits_name, run_choice)
 from dfnas_jax.models.resnet import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 
 KERNELS = (3, 5, 7)
@@ -112,23 +112,17 @@ SPACES = {
 
 
 def architecture_name(space: str, choices: Sequence[int]) -> str:
-  return f'{space}:' + ''.join(str(c) for c in SPACES[space].check(choices))
+  return digits_name(space, SPACES[space].check(choices))
 
 
 def parse_name(name: str) -> Tuple[str, Optional[Tuple[int, ...]]]:
   """'proxyless_cifar' -> (space, None); 'proxyless_cifar:0361...' -> (space, choices)."""
-  match = re.fullmatch(r'(\w+?)(?::(\d+))?', name)
-  if not match or match.group(1) not in SPACES:
-    raise ValueError(f'{name!r} is not a ProxylessNAS architecture: expected one of '
-                     f'{sorted(SPACES)}, optionally followed by ":" and one digit per layer.')
-  space, digits = match.groups()
-  return space, SPACES[space].check(digits) if digits else None
+  return parse_digits_name(name, SPACES, 'ProxylessNAS')
 
 
 def _norm(train: bool, bn_momentum: float, axis_name: Optional[str], dtype, bn_epsilon: float,
           **kwargs):
-  return nn.BatchNorm(use_running_average=not train, momentum=bn_momentum, epsilon=bn_epsilon,
-                      dtype=dtype, axis_name=axis_name if train else None, **kwargs)
+  return batch_norm(train, bn_momentum, axis_name, dtype, epsilon=bn_epsilon)(**kwargs)
 
 
 class MBConv(nn.Module):
@@ -198,10 +192,10 @@ class Stem(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    x = (images - jnp.asarray(self.space.mean)) / jnp.asarray(self.space.std)
+    x = normalize(images, self.space.mean, self.space.std, self.dtype)
     s = self.space.stem_stride
     x = nn.Conv(self.space.stem_width, (3, 3), (s, s), padding=((1, 1), (1, 1)), use_bias=False,
-                kernel_init=conv_init, dtype=self.dtype, name='conv')(x.astype(self.dtype))
+                kernel_init=conv_init, dtype=self.dtype, name='conv')(x)
     x = nn.relu6(_norm(train, self.bn_momentum, self.axis_name, self.dtype, self.bn_epsilon,
                        name='bn')(x))
     return MBConv(self.space.first_width, 3, 1, 1, self.bn_momentum, self.axis_name, self.dtype,
@@ -228,24 +222,9 @@ class Head(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x).astype(jnp.float32)
 
 
-class ProxylessNet(nn.Module):
+class ProxylessNet(LayerwiseNet):
   """Supernet (`choices=None`) or one stand-alone architecture of `space`."""
-  space: SearchSpace
-  num_classes: int
-  choices: Optional[Tuple[int, ...]] = None
-  dropout: float = 0.0
-  bn_momentum: float = 0.9
-  axis_name: Optional[str] = 'batch'
-  dtype: Any = jnp.float32
   bn_epsilon: float = 1e-5  # the reference's is 1e-3
-
-  @property
-  def mean(self):
-    return self.space.mean
-
-  @property
-  def std(self):
-    return self.space.std
 
   @nn.compact
   def __call__(self, images, architecture=None, gates=None, paths=None, train: bool = False):

@@ -8,14 +8,12 @@ checkpoints load without a renaming table. Paddings are explicit because flax's
 Models take images in [0, 1] (NHWC) and normalize them themselves with the
 `mean`/`std` they were trained with, so no caller has to know the statistics.
 """
-from functools import partial
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-# torchvision's default: kaiming-normal, fan-out, for ReLU.
-conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+from dfnas_jax.models.layers import batch_norm, conv_init, normalize
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -94,11 +92,8 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    norm = partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                   epsilon=1e-5, dtype=self.dtype,
-                   axis_name=self.axis_name if train else None)
-    x = (images - jnp.asarray(self.mean)) / jnp.asarray(self.std)
-    x = x.astype(self.dtype)
+    norm = batch_norm(train, self.bn_momentum, self.axis_name, self.dtype)
+    x = normalize(images, self.mean, self.std, self.dtype)
     if self.stem == 'cifar':
       x = _conv(self.widths[0], 3, 1, 1, 'conv1', self.dtype)(x)
       x = nn.relu(norm(name='bn1')(x))

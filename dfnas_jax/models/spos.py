@@ -11,14 +11,15 @@ Names: `architecture_name('spos_cifar', (0, 3, ...))` is 'spos_cifar:03...', whi
 `dfnas_jax.models.build_model` accepts like any zoo name.
 """
 import dataclasses
-import re
 from functools import partial
 from typing import Any, Iterator, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dfnas_jax.models.layers import DepthwiseConv, PointwiseConv, conv_init, out_side, run_choice
+from dfnas_jax.models.layers import (DepthwiseConv, LayerwiseNet, PointwiseConv, batch_norm,
+                                     conv_init, digits_name, normalize, out_side,
+                                     parse_digits_name, run_choice)
 from dfnas_jax.models.resnet import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 
 CHOICES = ('shufflenet_3x3', 'shufflenet_5x5', 'shufflenet_7x7', 'xception')
@@ -73,17 +74,12 @@ SPACES = {
 
 
 def architecture_name(space: str, choices: Sequence[int]) -> str:
-  return f'{space}:' + ''.join(str(c) for c in SPACES[space].check(choices))
+  return digits_name(space, SPACES[space].check(choices))
 
 
 def parse_name(name: str) -> Tuple[str, Optional[Tuple[int, ...]]]:
   """'spos_cifar' -> ('spos_cifar', None); 'spos_cifar:0123...' -> (space, choices)."""
-  match = re.fullmatch(r'(\w+?)(?::(\d+))?', name)
-  if not match or match.group(1) not in SPACES:
-    raise ValueError(f'{name!r} is not a SPOS architecture: expected one of {sorted(SPACES)}, '
-                     'optionally followed by ":" and one digit per layer.')
-  space, digits = match.groups()
-  return space, SPACES[space].check(digits) if digits else None
+  return parse_digits_name(name, SPACES, 'SPOS')
 
 
 class ChoiceBlock(nn.Module):
@@ -104,9 +100,7 @@ class ChoiceBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    norm = partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                   epsilon=1e-5, use_scale=self.affine, use_bias=self.affine, dtype=self.dtype,
-                   axis_name=self.axis_name if train else None)
+    norm = batch_norm(train, self.bn_momentum, self.axis_name, self.dtype, affine=self.affine)
     count = iter(range(100))
 
     def conv(y, features, kernel=1, stride=1, depthwise=False, relu=True):
@@ -158,41 +152,24 @@ class ChoiceLayer(nn.Module):
     return run_choice(self, choice, branches, x)
 
 
-class SPOSNet(nn.Module):
+class SPOSNet(LayerwiseNet):
   """Supernet (`choices=None`, architecture passed to `__call__`) or one architecture.
 
   As in the reference, the supernet's BatchNorms have no affine parameters (their
   statistics are recalibrated per candidate during the search); stand-alone
   networks have affine BatchNorms.
   """
-  space: SearchSpace
-  num_classes: int
-  choices: Optional[Tuple[int, ...]] = None
   dropout: float = 0.1
-  bn_momentum: float = 0.9
-  axis_name: Optional[str] = 'batch'
-  dtype: Any = jnp.float32
-
-  @property
-  def mean(self):
-    return self.space.mean
-
-  @property
-  def std(self):
-    return self.space.std
 
   @nn.compact
   def __call__(self, images, architecture=None, train: bool = False):
     supernet = self.choices is None
-    norm = partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum,
-                   epsilon=1e-5, use_scale=not supernet, use_bias=not supernet, dtype=self.dtype,
-                   axis_name=self.axis_name if train else None)
+    norm = batch_norm(train, self.bn_momentum, self.axis_name, self.dtype, affine=not supernet)
     block = partial(ChoiceBlock, affine=not supernet, bn_momentum=self.bn_momentum,
                     axis_name=self.axis_name, dtype=self.dtype)
     if supernet and architecture is None:
       architecture = jnp.zeros((self.space.num_layers,), jnp.int32)
-    x = (images - jnp.asarray(self.space.mean)) / jnp.asarray(self.space.std)
-    x = x.astype(self.dtype)
+    x = normalize(images, self.mean, self.std, self.dtype)
     s = self.space.stem_stride
     x = nn.Conv(self.space.stem_width, (3, 3), (s, s), padding=((1, 1), (1, 1)), use_bias=False,
                 kernel_init=conv_init, dtype=self.dtype, name='stem_conv')(x)
