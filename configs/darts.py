@@ -17,7 +17,6 @@ Search on real data with hard labels instead (the comparison experiments):
 """
 import ml_collections
 
-from configs import retrain as retrain_config
 from configs import search_data
 from configs import synthesize as synthesize_config
 
@@ -57,8 +56,11 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.weight_decay = 3e-4           # on kernels; the reference decays every parameter (here that
                                  # is only the classifier's bias: the search BN has none)
   c.grad_clip = 5.0
-  c.arch_learning_rate = 3e-4
+  c.arch_learning_rate = 3e-4     # Adam, betas (arch_b1, arch_b2), as the reference
+  c.arch_b1, c.arch_b2 = 0.5, 0.999
   c.arch_weight_decay = 1e-3
+  # mode='finite_difference': the weights move +- radius / ||grad_w' L_val|| (reference 0.01).
+  c.finite_difference_radius = 0.01
   c.log_every_steps = 12
   c.checkpoint_every_steps = 12
   c.keep_checkpoints = 2
@@ -66,17 +68,12 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   # The network retrained from the genotype, and its training (configs/retrain.py fields).
   c.retrain_network = ml_collections.ConfigDict(dict(
       init_channels=12, layers=5, auxiliary=False, drop_path=0.0))
-  c.retrain = retrain_config.get_config()
-  c.retrain.batch_size = 32
-  c.retrain.num_train_steps = 150
-  c.retrain.learning_rate = 0.05
-  c.retrain.weight_decay = 3e-4
-  c.retrain.warmup_epochs = 0.0
   # The reference's retraining: plain momentum, gradients clipped at norm 5. Its drop-path
   # rate ramps up linearly over training; here retrain_network.drop_path is constant.
-  c.retrain.nesterov, c.retrain.grad_clip = False, 5.0
-  c.retrain.checkpoint_every_steps = 50
-  c.retrain.aux_weight = 0.4     # used when retrain_network.auxiliary
+  # aux_weight: used when retrain_network.auxiliary.
+  search_data.add_retraining(c, batch_size=32, num_train_steps=150, learning_rate=0.05,
+                             weight_decay=3e-4, warmup_epochs=0.0, nesterov=False, grad_clip=5.0,
+                             checkpoint_every_steps=50, aux_weight=0.4)
 
   search_data.add_real_evaluation(c)
   search_data.add_retraining_data(c)
@@ -87,8 +84,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
     c.num_epochs = 2
     c.log_every_steps = c.checkpoint_every_steps = 2
     c.retrain_network.update(init_channels=4, layers=3, auxiliary=True, drop_path=0.2)
-    c.retrain = retrain_config.get_config('smoke')
-    c.retrain.aux_weight = 0.4
+    search_data.add_retraining(c, 'smoke', aux_weight=0.4)
     c.eval_split = 'test[:64]'
   elif preset == 'cifar10':
     c.synthesis.images_per_round, c.synthesis.num_rounds = 256, 100   # 25,600 images
@@ -110,7 +106,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
       c.synthesis = synthesize_config.get_config('smoke')
       c.space, c.batch_size, c.num_epochs = 'nb201-4x1', 4, 2
       c.log_every_steps = c.checkpoint_every_steps = 2
-      c.retrain = retrain_config.get_config('smoke')
+      search_data.add_retraining(c, 'smoke')
       c.eval_split = 'test[:64]'
   elif preset:
     raise ValueError(f'Unknown preset {preset!r} for darts; presets: {PRESETS}')

@@ -17,7 +17,6 @@ Search on real data with hard labels instead (the comparison experiments):
 """
 import ml_collections
 
-from configs import retrain as retrain_config
 from configs import search_data
 from configs import synthesize as synthesize_config
 
@@ -77,14 +76,8 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 50
   c.keep_checkpoints = 2
 
-  c.retrain = retrain_config.get_config()
-  c.retrain.architecture = ''    # set to the found architecture
-  c.retrain.batch_size = 32
-  c.retrain.num_train_steps = 300
-  c.retrain.learning_rate = 0.05
-  c.retrain.weight_decay = 4e-5
-  c.retrain.warmup_epochs = 0.0
-  c.retrain.checkpoint_every_steps = 50
+  search_data.add_retraining(c, batch_size=32, num_train_steps=300, learning_rate=0.05,
+                             weight_decay=4e-5, warmup_epochs=0.0, checkpoint_every_steps=50)
 
   search_data.add_real_evaluation(c)
   search_data.add_retraining_data(c)
@@ -98,7 +91,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
     c.latency_batch_size, c.latency_repeats = 4, 3
     c.calibration_batches = 1
     c.log_every_steps = c.checkpoint_every_steps = 2
-    c.retrain = retrain_config.get_config('smoke')
+    search_data.add_retraining(c, 'smoke')
     c.eval_split = 'test[:64]'
   elif preset == 'imagenet':
     c.teacher = 'resnet50'

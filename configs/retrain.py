@@ -7,6 +7,8 @@
 import ml_collections
 from ml_collections import config_dict
 
+from configs import training
+
 
 PRESETS = ('', 'smoke')
 
@@ -38,17 +40,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.eval_data_dir = config_dict.placeholder(str)
   c.eval_split = 'test'
 
-  c.seed = 0
-  c.batch_size = 128
-  c.num_epochs = 30.0
-  c.num_train_steps = -1
-  c.learning_rate = 0.1
-  c.warmup_epochs = 1.0
-  c.lr_schedule = 'cosine'
-  c.momentum = 0.9
-  c.nesterov = True
-  c.grad_clip = 0.0                    # global-norm clipping of the gradient; <= 0: none
-  c.weight_decay = 5e-4
+  training.add_sgd(c)
   c.log_every_steps = 50
   c.eval_every_steps = 1000
   c.checkpoint_every_steps = 200

@@ -2,7 +2,15 @@
 import ml_collections
 from ml_collections import config_dict
 
+from configs import retrain as retrain_config
 from configs import synthesize as synthesize_config
+from configs import training
+
+# configs/retrain.py fields that a search stage fills in from its own fields before it
+# retrains (dfnas_jax.nas.common.retrain_configs), so its `retrain` block has none of them.
+SET_BY_THE_SEARCH = ('stage', 'architecture', 'dataset', 'data_dir', 'download', 'train_split',
+                     'loss', 'soft_labels', 'teacher', 'teacher_checkpoint', 'eval_dataset',
+                     'eval_data_dir', 'eval_split')
 
 
 def add_teacher_and_data(c: ml_collections.ConfigDict) -> None:
@@ -38,20 +46,21 @@ def add_retraining_data(c: ml_collections.ConfigDict) -> None:
   c.real_label_smoothing = 0.1   # the paper's ImageNet retraining
 
 
+def add_retraining(c: ml_collections.ConfigDict, preset: str = '', **fields) -> None:
+  """c.retrain: how the found architecture is trained from scratch, configs/retrain.py's
+  `preset` without the fields the search fills in, updated with `fields`."""
+  c.retrain = retrain_config.get_config(preset)
+  for key in SET_BY_THE_SEARCH:
+    del c.retrain[key]
+  c.retrain.update(fields)
+
+
 def trainer_fields(batch_size, steps, lr, weight_decay, image_size, augment, loss='distillation'):
   """The fields `dfnas_jax.train.trainer.fit` reads (a supernet's or a short retraining's)."""
   c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.batch_size = batch_size
-  c.num_epochs = 0.0
-  c.num_train_steps = steps
-  c.learning_rate = lr
-  c.warmup_epochs = 0.0
-  c.lr_schedule = 'linear'
-  c.momentum = 0.9
-  c.nesterov = False
-  c.grad_clip = 0.0
-  c.weight_decay = weight_decay
+  training.add_sgd(c, batch_size=batch_size, num_epochs=0.0, num_train_steps=steps,
+                   learning_rate=lr, warmup_epochs=0.0, lr_schedule='linear', nesterov=False,
+                   weight_decay=weight_decay)
   c.loss = loss
   c.label_smoothing = 0.0
   c.temperature = 3.0

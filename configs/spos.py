@@ -19,7 +19,6 @@ Search on real data with hard labels instead (the comparison experiments):
 """
 import ml_collections
 
-from configs import retrain as retrain_config
 from configs import search_data
 from configs import synthesize as synthesize_config
 
@@ -34,7 +33,7 @@ def _smoke_scale(c: ml_collections.ConfigDict, weight_decay: float) -> None:
   c.supernet.checkpoint_every_steps = 2
   c.search.update(population=4, generations=2, top_k=2, num_mutations=2, num_crossovers=1)
   c.calibration_batches, c.calibration_batch_size = 1, 8
-  c.retrain = retrain_config.get_config('smoke')
+  search_data.add_retraining(c, 'smoke')
   c.eval_split = 'test[:64]'
 
 
@@ -75,15 +74,10 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.calibration_batches = 2      # BN recalibration batches per candidate
   c.calibration_batch_size = 64
 
-  c.retrain = retrain_config.get_config()
-  c.retrain.batch_size = 64
-  c.retrain.num_train_steps = 300
-  c.retrain.learning_rate = 0.05
-  c.retrain.weight_decay = 4e-5
   # No warm-up, as the reference's retraining; one counted in epochs of the data would
   # also outlast 300 steps on real data (retrain_data='real').
-  c.retrain.warmup_epochs = 0.0
-  c.retrain.checkpoint_every_steps = 50
+  search_data.add_retraining(c, batch_size=64, num_train_steps=300, learning_rate=0.05,
+                             weight_decay=4e-5, warmup_epochs=0.0, checkpoint_every_steps=50)
 
   search_data.add_real_evaluation(c)
   search_data.add_retraining_data(c)

@@ -6,6 +6,8 @@
 import ml_collections
 from ml_collections import config_dict
 
+from configs import training
+
 
 PRESETS = ('', 'smoke')
 
@@ -29,17 +31,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   # over one augmented pass of the training split, in batches of average_batch_size.
   c.average_with = ''
   c.average_batch_size = 500
-  c.seed = 0
-  c.batch_size = 128
-  c.num_epochs = 30.0
-  c.num_train_steps = -1                # > 0 overrides num_epochs
-  c.learning_rate = 0.1
-  c.warmup_epochs = 1.0
-  c.lr_schedule = 'cosine'
-  c.momentum = 0.9
-  c.nesterov = True
-  c.grad_clip = 0.0               # global-norm clipping of the gradient; <= 0: none
-  c.weight_decay = 5e-4
+  training.add_sgd(c)
   c.loss = 'cross_entropy'
   c.label_smoothing = 0.0
   c.temperature = 1.0

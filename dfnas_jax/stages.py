@@ -2,10 +2,10 @@
 import importlib
 
 STAGES = {
-    'teacher': 'dfnas_jax.teachers.train',
+    'teacher': 'dfnas_jax.train.teacher',
     'evaluate': 'dfnas_jax.evaluation.evaluate',
     'synthesize': 'dfnas_jax.synthesis.synthesize',
-    'retrain': 'dfnas_jax.evaluation.retrain',
+    'retrain': 'dfnas_jax.train.retrain',
     'spos': 'dfnas_jax.nas.spos',
     'darts': 'dfnas_jax.nas.darts',
     'proxylessnas': 'dfnas_jax.nas.proxyless',

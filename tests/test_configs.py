@@ -8,7 +8,7 @@ from dfnas_jax import stages
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, 'configs'))
-                 if f.endswith('.py') and f not in ('__init__.py', 'search_data.py'))
+                 if f.endswith('.py') and f not in ('__init__.py', 'search_data.py', 'training.py'))
 
 
 def _config(name, preset=''):
@@ -107,3 +107,21 @@ def test_retraining_on_the_real_training_split_fits_its_schedule(name, preset, d
   assert source.num_examples == 50_000
   _, total, warmup = trainer.schedule_steps(config.retrain, source)
   assert 0 <= warmup < total
+
+
+@pytest.mark.parametrize('name, preset', [
+    (name, preset) for name in SEARCHES
+    for preset in importlib.import_module(f'configs.{name}').PRESETS])
+def test_a_searchs_retrain_block_holds_only_what_the_search_does_not_set(name, preset):
+  """The search names the retrained architecture, its data, teacher and evaluation itself,
+  so its `retrain` block has no such field: `--config.retrain.teacher=...` is an unknown
+  field, not silently overwritten. The retrain stage still gets every field it has."""
+  from configs import retrain as retrain_config
+  from configs import search_data
+  from dfnas_jax.nas import common
+  config = _config(name, preset)
+  assert not set(search_data.SET_BY_THE_SEARCH) & set(config.retrain.keys())
+  config.retrain_data, config.download = 'synthetic,real', False
+  for rc in common.retrain_configs(config, 'cifar_resnet8', 'data', 'distillation').values():
+    assert set(rc.keys()) >= set(retrain_config.get_config().keys())
+    assert (rc.stage, rc.architecture, rc.download) == ('retrain', 'cifar_resnet8', False)

@@ -35,14 +35,14 @@ def make_teacher(directory, corrupt=False):
 def teacher_dir(tmp_path_factory, data_dir):
   """A tiny ResNet trained for a few steps on real images: real BN statistics."""
   from configs import teacher as teacher_config
-  from dfnas_jax.teachers import train
+  from dfnas_jax.train import teacher as teacher_stage
   config = teacher_config.get_config('smoke')
   config.architecture, config.image_size = 'cifar_resnet8', 16
   config.dataset, config.data_dir, config.download = 'cifar10_jpeg', data_dir, False
   config.train_split, config.eval_split = 'train[:1024]', ''
   config.num_epochs, config.learning_rate = 1.0, 0.05
   workdir = tmp_path_factory.mktemp('teacher')
-  return train.run(config, str(workdir))['model_dir']
+  return teacher_stage.run(config, str(workdir))['model_dir']
 
 
 def smoke_config(teacher_dir, **overrides):
@@ -334,7 +334,7 @@ def test_global_loss_batch_does_not_depend_on_the_device_count(tmp_path):
 def test_student_distils_from_synthetic_data(
     teacher_dir, data_dir, tmp_path, soft_labels, quick_compiles):
   from configs import retrain as retrain_config
-  from dfnas_jax.evaluation import retrain
+  from dfnas_jax.train import retrain
   # Stored logits label whole images only: canvases (regional update) need the teacher.
   synthetic = synthesize.run(smoke_config(teacher_dir, regional_update=soft_labels == 'teacher'),
                              str(tmp_path / 'syn'))['dataset_dir']
@@ -356,7 +356,7 @@ def test_student_distils_from_synthetic_data(
 
 def test_distillation_without_soft_labels_is_a_clear_error(data_dir, tmp_path):
   from configs import retrain as retrain_config
-  from dfnas_jax.evaluation import retrain
+  from dfnas_jax.train import retrain
   config = retrain_config.get_config('smoke')
   config.dataset, config.data_dir, config.download = 'cifar10_jpeg', data_dir, False
   config.train_split, config.soft_labels, config.eval_dataset = 'train[:64]', 'stored', ''

@@ -119,7 +119,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(train_config, tmp_path):
 
 
 def test_teacher_stage_fine_tunes_from_init_from(train_config, tmp_path):
-  from dfnas_jax.teachers import train as teacher_train
+  from dfnas_jax.train import teacher as teacher_train
   config = train_config
   config.num_train_steps, config.eval_split = 3, ''
   first = teacher_train.run(config, str(tmp_path / 'first'))
@@ -136,7 +136,7 @@ def test_teacher_stage_fine_tunes_from_init_from(train_config, tmp_path):
 
 
 def test_teacher_stage_averages_weights_and_recomputes_batchnorm(train_config, tmp_path):
-  from dfnas_jax.teachers import train as teacher_train
+  from dfnas_jax.train import teacher as teacher_train
   config = train_config
   config.num_train_steps, config.eval_split = 3, ''
   first = teacher_train.run(config, str(tmp_path / 'first'))

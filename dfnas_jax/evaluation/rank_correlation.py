@@ -53,11 +53,11 @@ from dfnas_jax import models, plots
 from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.data import nasbench201
-from dfnas_jax.evaluation import retrain
 from dfnas_jax.models import darts as darts_lib
 from dfnas_jax.models import nb201
 from dfnas_jax.nas import common, spos
 from dfnas_jax.synthesis import synthesize
+from dfnas_jax.train import retrain
 
 REAL = 'real'
 # Synthesis config overrides of each data variant.

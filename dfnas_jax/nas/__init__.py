@@ -1,1 +1,1 @@
-"""Architecture search: SPOS (supernet + evolution); DARTS and ProxylessNAS to come."""
+"""Architecture search stages on synthetic data: SPOS, DARTS and ProxylessNAS."""

@@ -16,7 +16,7 @@ gradient clipping, w' = w - lr (momentum * buffer + grad + weight_decay * w).
 - 'finite_difference': the reference's approximation, for parity:
   grad_alpha L_val(w', alpha) - lr * (grad_alpha L_train(w+, alpha)
   - grad_alpha L_train(w-, alpha)) / (2 eps), w+- = w +- eps grad_w' L_val,
-  eps = 0.01 / ||grad_w' L_val||.
+  eps = r / ||grad_w' L_val||, r = `finite_difference_radius` (the reference's 0.01).
 
 All of it is a pure function of pytrees, usable inside `jax.pmap` (pass
 `axis_name`: the weight gradient of the virtual step and the results are
@@ -48,7 +48,8 @@ def virtual_step(loss_fn: LossFn, params, alphas, opt_state, tx: optax.GradientT
 def hypergradient(loss_fn: LossFn, params, alphas, opt_state, tx: optax.GradientTransformation,
                   train_batch, val_batch, *, mode: str = 'exact',
                   learning_rate: Optional[jax.Array] = None,
-                  axis_name: Optional[str] = None) -> Tuple[jax.Array, Any]:
+                  axis_name: Optional[str] = None,
+                  finite_difference_radius: float = 0.01) -> Tuple[jax.Array, Any]:
   """(validation loss, its gradient with respect to `alphas`); see the module docstring.
 
   `learning_rate` (the weight step's current rate) is needed only by 'finite_difference'.
@@ -70,7 +71,7 @@ def hypergradient(loss_fn: LossFn, params, alphas, opt_state, tx: optax.Gradient
         virtual_step(loss_fn, params, alphas, opt_state, tx, train_batch, axis_name))
     value, (dw, grads) = jax.value_and_grad(loss_fn, argnums=(0, 1))(unrolled, alphas, val_batch)
     dw = mean(dw)
-    eps = 0.01 / optax.tree.norm(dw)
+    eps = finite_difference_radius / optax.tree.norm(dw)
 
     def train_alpha_grad(sign):
       w = jax.tree_util.tree_map(lambda p, d: p + sign * eps * d, params, dw)

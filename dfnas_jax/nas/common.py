@@ -13,9 +13,8 @@ from absl import logging
 from dfnas_jax import teachers
 from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
-from dfnas_jax.evaluation import retrain
 from dfnas_jax.synthesis import synthesize
-from dfnas_jax.train import checkpointing
+from dfnas_jax.train import checkpointing, retrain
 from dfnas_jax.train import state as state_lib
 from dfnas_jax.train import steps, trainer
 
@@ -244,7 +243,7 @@ def retrain_configs(config, architecture: str, dataset: str,
   configs = {}
   for name in retrain_data(config):
     rc = ml_collections.ConfigDict(config.retrain.to_dict())
-    rc.architecture = architecture
+    rc.stage, rc.architecture, rc.download = 'retrain', architecture, config.download
     rc.teacher, rc.teacher_checkpoint = config.teacher, config.teacher_checkpoint
     rc.eval_dataset, rc.eval_data_dir, rc.eval_split = (config.eval_dataset,
                                                         config.eval_data_dir, config.eval_split)
@@ -258,6 +257,7 @@ def retrain_configs(config, architecture: str, dataset: str,
                                                  config.real_train_split)
       rc.loss, rc.label_smoothing, rc.augment = ('cross_entropy', config.real_label_smoothing,
                                                  config.real_augment)
+      rc.soft_labels = 'teacher'  # hard labels: no soft labels are read (and none stored)
     configs[name] = rc
   return configs
 

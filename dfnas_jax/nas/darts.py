@@ -28,12 +28,11 @@ from dfnas_jax import models, plots
 from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.data import nasbench201
-from dfnas_jax.evaluation import retrain
 from dfnas_jax.models import darts as space
 from dfnas_jax.models import nb201
 from dfnas_jax.nas import bilevel, common
 from dfnas_jax.train import state as state_lib
-from dfnas_jax.train import steps, trainer
+from dfnas_jax.train import retrain, steps, trainer
 
 AXIS = steps.AXIS
 
@@ -64,15 +63,16 @@ def virtual_step_optimizer(config, lr_fn: optax.Schedule) -> optax.GradientTrans
 
 
 def arch_optimizer(config) -> optax.GradientTransformation:
-  """Reference: Adam(arch_learning_rate, betas (0.5, 0.999)) with L2 weight decay."""
+  """Adam(arch_learning_rate, betas (arch_b1, arch_b2)) with L2 weight decay, as the reference."""
   return optax.chain(optax.add_decayed_weights(config.arch_weight_decay),
-                     optax.adam(config.arch_learning_rate, b1=0.5, b2=0.999))
+                     optax.adam(config.arch_learning_rate, b1=config.arch_b1, b2=config.arch_b2))
 
 
 def search_step(state: common.SearchState, train_batch, val_batch, teacher_variables=None,
                 *, arch_tx: optax.GradientTransformation,
                 virtual_tx: optax.GradientTransformation, learning_rate_fn, mode: str,
-                loss: str, temperature: float, teacher_apply=None):
+                loss: str, temperature: float, teacher_apply=None,
+                finite_difference_radius: float = 0.01):
   """One architecture step on `val_batch`, then one weight step on `train_batch`.
 
   `virtual_tx` (`virtual_step_optimizer`) makes the hypergradient's virtual step
@@ -94,7 +94,8 @@ def search_step(state: common.SearchState, train_batch, val_batch, teacher_varia
 
   val_loss, arch_grads = bilevel.hypergradient(
       loss_fn, w.params, state.alphas, w.opt_state[1], virtual_tx, train_batch, val_batch,
-      mode=mode, learning_rate=learning_rate_fn(w.step), axis_name=AXIS)
+      mode=mode, learning_rate=learning_rate_fn(w.step), axis_name=AXIS,
+      finite_difference_radius=finite_difference_radius)
   updates, arch_opt_state = arch_tx.update(arch_grads, state.arch_opt_state, state.alphas)
   alphas = optax.apply_updates(state.alphas, updates)
 
@@ -193,7 +194,8 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
   p_step = pmap_search_step(arch_tx=arch_tx, virtual_tx=virtual_step_optimizer(config, lr_fn),
                             learning_rate_fn=lr_fn, mode=config.mode, loss=config.loss,
                             temperature=config.temperature,
-                            teacher_apply=teacher and teacher[0].apply)
+                            teacher_apply=teacher and teacher[0].apply,
+                            finite_difference_radius=config.finite_difference_radius)
   extra_args = (steps.replicate(teacher[1]),) if teacher else ()
 
   def batches(source, seed):

@@ -47,11 +47,10 @@ from clu import metrics, periodic_actions
 from dfnas_jax import models, plots
 from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
-from dfnas_jax.evaluation import retrain
 from dfnas_jax.models import proxyless as space_lib
 from dfnas_jax.nas import common, latency
 from dfnas_jax.train import state as state_lib
-from dfnas_jax.train import steps, trainer
+from dfnas_jax.train import retrain, steps, trainer
 
 AXIS = steps.AXIS
 BINARY_MODES = ('two', 'full')

@@ -22,11 +22,10 @@ from dfnas_jax import models
 from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.data import nasbench201
-from dfnas_jax.evaluation import retrain
 from dfnas_jax.models import nb201
 from dfnas_jax.models import spos as spos_lib
 from dfnas_jax.nas import common, evolution
-from dfnas_jax.train import trainer
+from dfnas_jax.train import retrain, trainer
 
 Arch = evolution.Arch
 
