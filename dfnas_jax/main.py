@@ -41,8 +41,9 @@ flags.DEFINE_bool('traceback', False,
                   'On a bad input, show the Python traceback, not only the one-line message.')
 flags.mark_flags_as_required(['config'])
 
-# What a bad config, path, checkpoint or dataset raises: one line, unless --traceback.
-USER_ERRORS = (ValueError, FileNotFoundError)
+# What a bad config, path, checkpoint or dataset raises, and a diverged training run
+# (dfnas_jax.train.loop): one line, unless --traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError)
 
 
 class _QuietOrbax:

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metrics, periodic_actions
+from clu import metrics
 
 from dfnas_jax import models, plots
 from dfnas_jax import workdir as wd
@@ -32,7 +32,7 @@ from dfnas_jax.models import darts as space
 from dfnas_jax.models import nb201
 from dfnas_jax.nas import bilevel, common
 from dfnas_jax.train import state as state_lib
-from dfnas_jax.train import retrain, steps, trainer
+from dfnas_jax.train import loop, retrain, steps, trainer
 
 AXIS = steps.AXIS
 
@@ -186,11 +186,7 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
       weights=state_lib.create_train_state(model, weight_rng, config.image_size, tx),
       alphas=alphas, arch_opt_state=arch_tx.init(alphas))
   mngr, state, start_step, history = common.restore_search(workdir, config, state, num_steps)
-  stopwatch = wd.Stopwatch(workdir, start_step)
-
-  writer = trainer.make_writer(workdir)
-  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                           every_secs=30)
+  search_loop = loop.Loop(workdir, start_step, num_steps)
   p_step = pmap_search_step(arch_tx=arch_tx, virtual_tx=virtual_step_optimizer(config, lr_fn),
                             learning_rate_fn=lr_fn, mode=config.mode, loss=config.loss,
                             temperature=config.temperature,
@@ -204,37 +200,33 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
   data = flax.jax_utils.prefetch_to_device(
       zip(batches(train_source, config.seed), batches(val_source, config.seed + 1)), 2)
 
-  rstate = steps.replicate(state)
-  window = None
-  for step in range(start_step + 1, num_steps + 1):
-    with jax.profiler.StepTraceAnnotation('search', step_num=step):
-      train_batch, val_batch = next(data)
-      rstate, train_m, arch_m = p_step(rstate, train_batch, val_batch, *extra_args)
-    m = flax.jax_utils.unreplicate(train_m), flax.jax_utils.unreplicate(arch_m)
-    window = m if window is None else (window[0].merge(m[0]), window[1].merge(m[1]))
-    report(step)
-    epoch_end = step % steps_per_epoch == 0 or step == num_steps
-    if step % config.log_every_steps == 0 or epoch_end:
-      scalars = {**{f'train_{k}': v for k, v in window[0].compute().items()},
-                 **window[1].compute()}
-      scalars = {k: float(v) for k, v in scalars.items()}
-      writer.write_scalars(step, scalars)
-      window = None
-      if epoch_end:
-        epoch = -(-step // steps_per_epoch)
-        alphas = jax.device_get(flax.jax_utils.unreplicate(rstate.alphas))
-        genotype = write_genotype_files(config, workdir, epoch, alphas)
-        history.append({'epoch': epoch, 'step': step, **scalars, 'genotype': genotype})
-        logging.info('Epoch %d: %s, genotype %s', epoch, scalars, genotype)
-    if step % config.checkpoint_every_steps == 0 or epoch_end:
-      stopwatch.mark(step)  # first: a checkpoint on disk always has its time
-      with report.timed('checkpoint'):
-        common.save_search(mngr, workdir, step, rstate, history, epoch_end)
+  def search_step(rstate, step):
+    train_batch, val_batch = next(data)
+    rstate, train_m, arch_m = p_step(rstate, train_batch, val_batch, *extra_args)
+    return rstate, {'train_': train_m, '': arch_m}
+
+  def epoch_end(step):
+    return step % steps_per_epoch == 0
+
+  def log_epoch(step, rstate, scalars, at_epoch_end):
+    if at_epoch_end:
+      epoch = -(-step // steps_per_epoch)
+      alphas = jax.device_get(flax.jax_utils.unreplicate(rstate.alphas))
+      genotype = write_genotype_files(config, workdir, epoch, alphas)
+      history.append({'epoch': epoch, 'step': step, **scalars, 'genotype': genotype})
+      logging.info('Epoch %d: %s, genotype %s', epoch, scalars, genotype)
+
+  def save(step, rstate, at_epoch_end):
+    common.save_search(mngr, workdir, step, rstate, history, at_epoch_end)
+
+  rstate = search_loop.run(steps.replicate(state), search_step, name='search',
+                           log_every_steps=config.log_every_steps,
+                           checkpoint_every_steps=config.checkpoint_every_steps, save=save,
+                           boundary=epoch_end, on_log=log_epoch)
   mngr.wait_until_finished()
-  writer.flush()
   final = jax.device_get(flax.jax_utils.unreplicate(rstate))
   return {'alphas': final.alphas, 'history': history, 'num_steps': num_steps,
-          'steps_per_epoch': steps_per_epoch, 'wall_time_s': stopwatch.seconds()}
+          'steps_per_epoch': steps_per_epoch, 'wall_time_s': search_loop.stopwatch.seconds()}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):

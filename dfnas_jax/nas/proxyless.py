@@ -42,7 +42,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metrics, periodic_actions
+from clu import metrics
 
 from dfnas_jax import models, plots
 from dfnas_jax import workdir as wd
@@ -50,7 +50,7 @@ from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.models import proxyless as space_lib
 from dfnas_jax.nas import common, latency
 from dfnas_jax.train import state as state_lib
-from dfnas_jax.train import retrain, steps, trainer
+from dfnas_jax.train import loop, retrain, steps, trainer
 
 AXIS = steps.AXIS
 BINARY_MODES = ('two', 'full')
@@ -348,7 +348,7 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
       weights=state_lib.create_train_state(model, weight_rng, space.image_size, tx),
       alphas=alphas, arch_opt_state=arch_tx.init(alphas))
   mngr, state, start_step, history = common.restore_search(workdir, config, state, num_steps)
-  stopwatch = wd.Stopwatch(workdir, start_step)
+  search_loop = loop.Loop(workdir, start_step, num_steps)
 
   arch_steps = functools.partial(arch_steps_until, config, warmup_steps, steps_per_epoch)
 
@@ -377,56 +377,48 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
       model, state.weights.variables, [next(calibration) for _ in range(config.calibration_batches)],
       list(ip.eval_batches(val_source, config.batch_size, space.image_size, config.augment)))
 
-  writer = trainer.make_writer(workdir)
-  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                           every_secs=30)
-  rstate = steps.replicate(state)
-  train_window = arch_window = None
-  for step in range(start_step + 1, num_steps + 1):
-    with jax.profiler.StepTraceAnnotation('search', step_num=step):
-      rstate, m = p_weight_step(rstate, next(train_data), *extra_args)
-      m = flax.jax_utils.unreplicate(m)
-      train_window = m if train_window is None else train_window.merge(m)
-      if arch_steps(step) > arch_steps(step - 1):
-        rstate, m = p_arch_step(rstate, next(val_data), *extra_args)
-        m = flax.jax_utils.unreplicate(m)
-        arch_window = m if arch_window is None else arch_window.merge(m)
-    report(step)
-    epoch_end = step % steps_per_epoch == 0 or step == num_steps
-    if step % config.log_every_steps == 0 or epoch_end:
-      scalars = {f'train_{k}': v for k, v in train_window.compute().items()}
-      if arch_window is not None:
-        scalars.update(arch_window.compute())
-      scalars = {k: float(v) for k, v in scalars.items()}
-      train_window = arch_window = None
-      if epoch_end:
-        epoch = -(-step // steps_per_epoch)
-        alphas = np.asarray(jax.device_get(flax.jax_utils.unreplicate(rstate.alphas)))
-        probs = np.asarray(probabilities(alphas, allowed))
-        choices = derive(alphas, allowed)
-        with report.timed('eval'):
-          evaluator.set_variables(rstate.weights.variables)
-          scalars['argmax_val_accuracy'] = evaluator(choices)
-        scalars['expected_cost'] = float(cost.expected(probs))
-        logs = np.log(np.where(probs > 0, probs, 1.0))  # disallowed choices have p = 0
-        scalars['entropy'] = float(-np.sum(probs * logs) / probs.shape[0])  # nats per layer
-        write_epoch_files(workdir, epoch, probs, config.space)
-        history.append({'epoch': epoch, 'step': step,
-                        'phase': 'warmup' if step <= warmup_steps else 'search', **scalars,
-                        'argmax': list(choices)})
-        logging.info('Epoch %d: %s, argmax %s', epoch, scalars,
-                     space_lib.architecture_name(config.space, choices))
-      writer.write_scalars(step, scalars)
-    if step % config.checkpoint_every_steps == 0 or epoch_end:
-      stopwatch.mark(step)  # first: a checkpoint on disk always has its time
-      with report.timed('checkpoint'):
-        common.save_search(mngr, workdir, step, rstate, history, epoch_end)
+  def search_step(rstate, step):
+    rstate, weight_m = p_weight_step(rstate, next(train_data), *extra_args)
+    arch_m = None
+    if arch_steps(step) > arch_steps(step - 1):
+      rstate, arch_m = p_arch_step(rstate, next(val_data), *extra_args)
+    return rstate, {'train_': weight_m, '': arch_m}
+
+  def epoch_end(step):
+    return step % steps_per_epoch == 0
+
+  def log_epoch(step, rstate, scalars, at_epoch_end):
+    if not at_epoch_end:
+      return
+    epoch = -(-step // steps_per_epoch)
+    alphas = np.asarray(jax.device_get(flax.jax_utils.unreplicate(rstate.alphas)))
+    probs = np.asarray(probabilities(alphas, allowed))
+    choices = derive(alphas, allowed)
+    with search_loop.report.timed('eval'):
+      evaluator.set_variables(rstate.weights.variables)
+      scalars['argmax_val_accuracy'] = evaluator(choices)
+    scalars['expected_cost'] = float(cost.expected(probs))
+    logs = np.log(np.where(probs > 0, probs, 1.0))  # disallowed choices have p = 0
+    scalars['entropy'] = float(-np.sum(probs * logs) / probs.shape[0])  # nats per layer
+    write_epoch_files(workdir, epoch, probs, config.space)
+    history.append({'epoch': epoch, 'step': step,
+                    'phase': 'warmup' if step <= warmup_steps else 'search', **scalars,
+                    'argmax': list(choices)})
+    logging.info('Epoch %d: %s, argmax %s', epoch, scalars,
+                 space_lib.architecture_name(config.space, choices))
+
+  def save(step, rstate, at_epoch_end):
+    common.save_search(mngr, workdir, step, rstate, history, at_epoch_end)
+
+  rstate = search_loop.run(steps.replicate(state), search_step, name='search',
+                           log_every_steps=config.log_every_steps,
+                           checkpoint_every_steps=config.checkpoint_every_steps, save=save,
+                           boundary=epoch_end, on_log=log_epoch)
   mngr.wait_until_finished()
-  writer.flush()
   final = jax.device_get(flax.jax_utils.unreplicate(rstate))
   return {'alphas': np.asarray(final.alphas), 'history': history, 'num_steps': num_steps,
           'warmup_steps': warmup_steps, 'arch_steps': arch_steps(num_steps),
-          'steps_per_epoch': steps_per_epoch, 'wall_time_s': stopwatch.seconds()}
+          'steps_per_epoch': steps_per_epoch, 'wall_time_s': search_loop.stopwatch.seconds()}
 
 
 def derive(alphas, allowed) -> Tuple[int, ...]:

@@ -27,7 +27,7 @@ from dfnas_jax import models, plots, teachers
 from dfnas_jax import workdir as wd
 from dfnas_jax.synthesis import inversion
 from dfnas_jax.synthesis.writer import ShardWriter
-from dfnas_jax.train import trainer
+from dfnas_jax.train import loop
 
 METHODS = ('inversion', 'gaussian_noise')
 
@@ -141,7 +141,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   logging.info('Synthesis: %d of %d shards of %d images to do on this host (%d already done).',
                len(todo), len(mine), config.batch_size, len(mine) - len(todo))
   stopwatch = wd.Stopwatch(workdir, len(mine) - len(todo))
-  metric_writer = trainer.make_writer(workdir)
+  metric_writer = loop.make_writer(workdir)
   report = periodic_actions.ReportProgress(
       num_train_steps=max(len(todo) * steps_per_batch, 1), writer=metric_writer, every_secs=30)
 

@@ -1,4 +1,4 @@
-"""The supervised/distillation training loop shared by the teacher and retrain stages."""
+"""Supervised and distillation training (`fit`), shared by the teacher and retrain stages."""
 import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -7,11 +7,9 @@ import flax.linen as nn
 import jax
 import ml_collections
 from absl import logging
-from clu import metric_writers, periodic_actions
 
-from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
-from dfnas_jax.train import checkpointing
+from dfnas_jax.train import checkpointing, loop
 from dfnas_jax.train import state as state_lib
 from dfnas_jax.train import steps
 
@@ -75,11 +73,6 @@ def check_stored_view(data: str, augment: str, image_size: int, side: int, windo
                      "soft_labels='teacher' (the teacher's logits on each trained view).")
 
 
-def make_writer(workdir: str):
-  return metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0, asynchronous=False)
-
-
 def schedule_steps(config, source: ip.DataSource, fields: str = '') -> Tuple[int, int, int]:
   """(steps per epoch, total steps, warm-up steps) of `config`'s schedule on `source`:
   num_train_steps, else num_epochs, and warmup_epochs, in epochs of `source` at
@@ -104,7 +97,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
         train_source: ip.DataSource, eval_source: Optional[ip.DataSource],
         teacher: Optional[Tuple[nn.Module, Any]] = None,
         add_to_batch: Optional[Callable[[int, ip.Batch], ip.Batch]] = None,
-        initial_variables: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        initial_variables: Optional[Dict[str, Any]] = None,
+        after_update: Optional[Callable[[Any, Any, ip.Batch], Any]] = None) -> Dict[str, Any]:
   """Trains `model` from scratch (or resumes from `workdir/checkpoints`); returns results.
 
   `initial_variables` ({'params', 'batch_stats'}) replace the random
@@ -112,7 +106,8 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
 
   `teacher` = (module, variables) recomputes distillation targets on every
   augmented batch; without it, distillation uses the dataset's stored logits.
-  `add_to_batch(step, batch)` can add inputs, e.g. the path a supernet trains.
+  `add_to_batch(step, batch)` can add inputs, e.g. the path a supernet trains, and
+  `after_update(new_state, state, batch)` adjusts each step's update (steps.train_step).
 
   Uses config: seed, batch_size, num_epochs | num_train_steps, learning_rate,
   warmup_epochs, lr_schedule, momentum, nesterov, grad_clip, weight_decay, loss,
@@ -134,53 +129,48 @@ def fit(config: ml_collections.ConfigDict, workdir: str, model: nn.Module,
   start_step = int(state.step)
   if start_step:
     logging.info('Resuming from step %d of %d.', start_step, num_steps)
-  stopwatch = wd.Stopwatch(workdir, start_step)
+  train_loop = loop.Loop(workdir, start_step, num_steps)
 
-  writer = make_writer(workdir)
-  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                           every_secs=30)
   p_train_step = steps.pmap_train_step(
       learning_rate_fn=lr_fn, loss=config.loss, label_smoothing=config.label_smoothing,
       temperature=config.temperature, teacher_apply=teacher and teacher[0].apply,
       dropout_rng=jax.random.PRNGKey(config.seed + 1),
-      aux_weight=config.get('aux_weight', 0.0))
+      aux_weight=config.get('aux_weight', 0.0), after_update=after_update)
   extra_args = (steps.replicate(teacher[1]),) if teacher else ()
   p_eval_step = steps.pmap_eval_step(model.apply)
   batches = flax.jax_utils.prefetch_to_device(
       ip.train_batches(train_source, config.batch_size, config.image_size, config.augment,
                        config.seed, start_step=start_step), 2)
 
-  rstate = steps.replicate(state)
-  train_metrics, eval_results = None, {}
-  for step in range(start_step + 1, num_steps + 1):
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      batch = next(batches)
-      if add_to_batch is not None:
-        batch = add_to_batch(step, batch)
-      rstate, m = p_train_step(rstate, batch, *extra_args)
-    m = flax.jax_utils.unreplicate(m)
-    train_metrics = m if train_metrics is None else train_metrics.merge(m)
-    report(step)
-    last = step == num_steps
-    if step % config.log_every_steps == 0 or last:
-      writer.write_scalars(step, {f'train_{k}': v for k, v in train_metrics.compute().items()})
-      train_metrics = None
-    if eval_source is not None and (step % config.eval_every_steps == 0 or last):
-      with report.timed('eval'):
-        eval_results = evaluate(rstate.variables, eval_source, config.batch_size,
-                                config.image_size, config.augment, p_eval_step=p_eval_step)
-      writer.write_scalars(step, {f'eval_{k}': v for k, v in eval_results.items()})
-    if step % config.checkpoint_every_steps == 0 or last:
-      stopwatch.mark(step)  # first: a checkpoint on disk always has its time
-      with report.timed('checkpoint'):
-        checkpointing.save(mngr, step, jax.device_get(flax.jax_utils.unreplicate(rstate)),
-                           force=last)
+  def train_step(rstate, step):
+    batch = next(batches)
+    if add_to_batch is not None:
+      batch = add_to_batch(step, batch)
+    rstate, m = p_train_step(rstate, batch, *extra_args)
+    return rstate, {'train_': m}
+
+  eval_results = {}
+
+  def evaluate_now(step, rstate):
+    if eval_source is not None and (step % config.eval_every_steps == 0 or step == num_steps):
+      with train_loop.report.timed('eval'):
+        eval_results.update(evaluate(rstate.variables, eval_source, config.batch_size,
+                                     config.image_size, config.augment, p_eval_step=p_eval_step))
+      train_loop.writer.write_scalars(step, {f'eval_{k}': v for k, v in eval_results.items()})
+
+  def save(step, rstate, at_boundary):
+    checkpointing.save(mngr, step, jax.device_get(flax.jax_utils.unreplicate(rstate)),
+                       force=at_boundary)
+
+  rstate = train_loop.run(steps.replicate(state), train_step, name='train',
+                        log_every_steps=config.log_every_steps,
+                        checkpoint_every_steps=config.checkpoint_every_steps, save=save,
+                        after_step=evaluate_now)
   mngr.wait_until_finished()
-  writer.flush()
 
   final = jax.device_get(flax.jax_utils.unreplicate(rstate))
   if eval_source is not None and not eval_results:  # Resumed after the last step.
     eval_results = evaluate(rstate.variables, eval_source, config.batch_size,
                             config.image_size, config.augment, p_eval_step=p_eval_step)
   return {'state': final, 'num_train_steps': num_steps, 'steps_per_epoch': steps_per_epoch,
-          'eval': eval_results, 'wall_time_s': stopwatch.seconds()}
+          'eval': eval_results, 'wall_time_s': train_loop.stopwatch.seconds()}
