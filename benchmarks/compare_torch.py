@@ -63,7 +63,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import spos as spos_config  # pylint: disable=wrong-import-position
 from configs import synthesize as synthesize_config  # pylint: disable=wrong-import-position
 from dfnas_jax import models, teachers  # pylint: disable=wrong-import-position
-from dfnas_jax.models import resnet  # pylint: disable=wrong-import-position
+from dfnas_jax.models import layers, resnet  # pylint: disable=wrong-import-position
 from dfnas_jax.models import spos as spos_lib  # pylint: disable=wrong-import-position
 from dfnas_jax.synthesis import inversion  # pylint: disable=wrong-import-position
 from dfnas_jax.teachers import convert  # pylint: disable=wrong-import-position
@@ -544,7 +544,7 @@ class SupernetBench:
     self.p_step = steps_lib.pmap_train_step(
         learning_rate_fn=lr_fn, loss=s.loss, label_smoothing=s.label_smoothing,
         temperature=s.temperature, teacher_apply=teacher.apply, dropout_rng=self.dropout_rng,
-        aux_weight=s.get('aux_weight', 0.0))
+        aux_weight=s.get('aux_weight', 0.0), after_update=layers.keep_unused_choices)
     self.devices = jax.local_devices()[:1]
     self.r_teacher = steps_lib.replicate(self.teacher_variables, self.devices)
     rng = np.random.default_rng(s.seed)

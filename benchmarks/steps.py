@@ -25,6 +25,7 @@ import synthesis  # pylint: disable=g-import-not-at-top,wrong-import-position  #
 from configs import darts as darts_config  # pylint: disable=wrong-import-position
 from dfnas_jax import models  # pylint: disable=wrong-import-position
 from dfnas_jax.models import darts as darts_space  # pylint: disable=wrong-import-position
+from dfnas_jax.models import layers  # pylint: disable=wrong-import-position
 from dfnas_jax.nas import common, darts  # pylint: disable=wrong-import-position
 from dfnas_jax.train import state as state_lib  # pylint: disable=wrong-import-position
 from dfnas_jax.train import steps  # pylint: disable=wrong-import-position
@@ -82,7 +83,8 @@ def supernet(batch_size: int, space: str, n_dev: int, dtype, repeats: int):
   lr = state_lib.learning_rate_schedule(0.1, 1000, 0)
   state = state_lib.create_train_state(model, jax.random.PRNGKey(0), 32,
                                        state_lib.sgd(lr, 0.9, 4e-5))
-  p_step = steps.pmap_train_step(learning_rate_fn=lr, loss='distillation', temperature=3.0)
+  p_step = steps.pmap_train_step(learning_rate_fn=lr, loss='distillation', temperature=3.0,
+                                 after_update=layers.keep_unused_choices)
   batch = _batch(n_dev, batch_size // n_dev, 32)
   arch = np.random.default_rng(1).integers(0, 4, model.space.num_layers)
   batch['arch'] = np.tile(arch.astype(np.int32), (n_dev, 1))

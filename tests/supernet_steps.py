@@ -3,6 +3,7 @@ import jax
 import numpy as np
 
 from dfnas_jax import models
+from dfnas_jax.models import layers
 from dfnas_jax.train import state as state_lib
 from dfnas_jax.train import steps
 
@@ -30,7 +31,7 @@ def counting_path_step(name: str, image_size: int, batch_size: int = 4):
   tx = state_lib.sgd(lr, momentum=0.9, weight_decay=0.1, nesterov=False)
   state = state_lib.create_train_state(model, jax.random.PRNGKey(0), image_size, tx)
   state = steps.replicate(state.replace(apply_fn=apply_fn))
-  p_step = steps.pmap_train_step(learning_rate_fn=lr)
+  p_step = steps.pmap_train_step(learning_rate_fn=lr, after_update=layers.keep_unused_choices)
   rng = np.random.default_rng(0)
   batch = {'image': rng.random((1, batch_size, image_size, image_size, 3), np.float32),
            'label': rng.integers(0, 10, (1, batch_size)).astype(np.int32)}

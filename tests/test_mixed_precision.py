@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dfnas_jax import models, teachers
+from dfnas_jax.models import layers
 from dfnas_jax.synthesis import inversion
 from dfnas_jax.train import state as state_lib
 from dfnas_jax.train import steps
@@ -81,7 +82,7 @@ def test_bfloat16_supernet_steps_track_float32(quick_compiles):
     model = models.build_model('spos_tiny', 10, dtype)
     tx = state_lib.sgd(lr, momentum=0.9, weight_decay=4e-5, nesterov=False)
     state = steps.replicate(state_lib.create_train_state(model, jax.random.PRNGKey(0), 32, tx))
-    p_step = steps.pmap_train_step(learning_rate_fn=lr)
+    p_step = steps.pmap_train_step(learning_rate_fn=lr, after_update=layers.keep_unused_choices)
     losses[dtype] = []
     for _ in range(6):
       state, m = p_step(state, batch)

@@ -232,6 +232,15 @@ def _choice_of(path) -> Optional[Tuple[int, int]]:
   return None
 
 
+def keep_unused_choices(new_state, old_state, batch):
+  """`steps.train_step`'s `after_update` for a supernet trained on one path
+  (`batch['arch']`) per step: the choices off the path keep their parameters and their
+  optimizer state exactly."""
+  arch = batch['arch']
+  return new_state.replace(params=keep_unused(new_state.params, old_state.params, arch),
+                           opt_state=keep_unused(new_state.opt_state, old_state.opt_state, arch))
+
+
 def keep_unused(new_tree, old_tree, architecture):
   """`new_tree` where the path `architecture` used the parameter, `old_tree` elsewhere.
 

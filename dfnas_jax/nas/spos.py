@@ -22,7 +22,7 @@ from dfnas_jax import models
 from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.data import nasbench201
-from dfnas_jax.models import nb201
+from dfnas_jax.models import layers, nb201
 from dfnas_jax.models import spos as spos_lib
 from dfnas_jax.nas import common, evolution
 from dfnas_jax.train import retrain, trainer
@@ -186,7 +186,7 @@ def train_supernet(config, workdir: str, model, train_source: ip.DataSource,
     return dict(batch, arch=np.tile(np.asarray(arch, np.int32), (n_dev, 1)))
 
   return trainer.fit(config.supernet, workdir, model, train_source, None, teacher,
-                     add_to_batch=add_path)
+                     add_to_batch=add_path, after_update=layers.keep_unused_choices)
 
 
 def subnet_evaluator(config, model, variables, train_source: ip.DataSource,

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import optax
 from clu import metrics
 
-from dfnas_jax.models import layers
 
 AXIS = 'batch'
 
@@ -74,14 +73,15 @@ def auxiliary_logits(intermediates):
 
 def train_step(state, batch, teacher_variables=None, *, learning_rate_fn,
                loss='cross_entropy', label_smoothing=0.0, temperature=1.0, teacher_apply=None,
-               dropout_rng=None, aux_weight=0.0):
+               dropout_rng=None, aux_weight=0.0, after_update=None):
   """One SGD step on a device shard; gradients and BN statistics averaged over AXIS.
 
   With `teacher_apply`, the soft labels for distillation are the teacher's logits
   on this (augmented) batch instead of the stored `batch['logits']`. A batch with
-  an `arch` trains that path of a supernet (`models.spos`): choices the path did
-  not use keep their parameters and optimizer state exactly. A model that sows
-  `aux_logits` (DARTS networks' auxiliary head) adds `aux_weight` times their loss.
+  an `arch` trains that path of a supernet; `after_update(new_state, state, batch)`
+  then applies the search method's rule to the update (SPOS:
+  `layers.keep_unused_choices`). A model that sows `aux_logits` (DARTS networks'
+  auxiliary head) adds `aux_weight` times their loss.
   """
   if teacher_apply is not None:
     batch = with_teacher_targets(batch, teacher_apply, teacher_variables)
@@ -105,10 +105,8 @@ def train_step(state, batch, teacher_variables=None, *, learning_rate_fn,
   (value, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, AXIS)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  if 'arch' in batch:
-    new_state = new_state.replace(
-        params=layers.keep_unused(new_state.params, state.params, batch['arch']),
-        opt_state=layers.keep_unused(new_state.opt_state, state.opt_state, batch['arch']))
+  if after_update is not None:  # a search method's own rule, e.g. SPOS's unused choices
+    new_state = after_update(new_state, state, batch)
   step_metrics = TrainMetrics.gather_from_model_output(
       axis_name=AXIS, loss=value, logits=logits, labels=batch['label'],
       learning_rate=learning_rate_fn(state.step))
