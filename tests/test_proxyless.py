@@ -287,14 +287,25 @@ def test_one_compiled_step_serves_every_sampled_path(quick_compiles):
   compiles = []
   jax.monitoring.register_event_duration_secs_listener(
       lambda event, *_, **__: compiles.append(event) if 'backend_compile' in event else None)
+  path_of = lambda s: np.asarray(stage.sample_path(jax.random.fold_in(jax.random.PRNGKey(0), s),
+                                                   alphas, allowed))
   for step in range(4):
+    before = jax.device_get(rstate.weights.params)
     rstate, _ = p_weight(rstate, batch)
+    if step == 0:  # the candidates off the path keep their weights; the path's move
+      after = jax.device_get(rstate.weights.params)
+      for i, c in enumerate(path_of(0)):
+        for other in range(space_lib.NUM_CANDIDATES):
+          name = f'choices_{other}'
+          if name in after[f'layer{i}']:
+            moved = not np.array_equal(after[f'layer{i}'][name]['project']['kernel'],
+                                       before[f'layer{i}'][name]['project']['kernel'])
+            assert moved == (other == c), (i, other, c)
     rstate, _ = p_arch(rstate, batch)
     if step == 0:
       compiles.clear()
   assert compiles == []
-  paths = {tuple(np.asarray(stage.sample_path(jax.random.fold_in(jax.random.PRNGKey(0), s),
-                                              alphas, allowed))) for s in range(4)}
+  paths = {tuple(path_of(s)) for s in range(4)}
   assert len(paths) > 1
   assert int(rstate.weights.step[0]) == 4
   assert not np.allclose(np.asarray(rstate.alphas[0]), 0.0)

@@ -47,6 +47,7 @@ from clu import metrics
 from dfnas_jax import models, plots
 from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
+from dfnas_jax.models import layers
 from dfnas_jax.models import proxyless as space_lib
 from dfnas_jax.nas import common, latency
 from dfnas_jax.train import state as state_lib
@@ -182,11 +183,12 @@ class ArchMetrics(metrics.Collection):
 
 def weight_step(state: common.SearchState, batch, teacher_variables=None, *, seed: int,
                 allowed, **train_kwargs):
-  """`steps.train_step` on one path drawn from the architecture, keyed by (seed, step)."""
+  """`steps.train_step` on one path drawn from the architecture, keyed by (seed, step);
+  the candidates off the path keep their parameters and momentum."""
   key = jax.random.fold_in(jax.random.PRNGKey(seed), state.weights.step)
   path = sample_path(key, state.alphas, allowed)
   weights, m = steps.train_step(state.weights, dict(batch, arch=path), teacher_variables,
-                                **train_kwargs)
+                                after_update=layers.keep_unused_choices, **train_kwargs)
   return state.replace(weights=weights), m
 
 
