@@ -14,7 +14,7 @@ from dfnas_jax import teachers
 from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.synthesis import synthesize
-from dfnas_jax.train import checkpointing, retrain
+from dfnas_jax.train import checkpointing, loop, retrain
 from dfnas_jax.train import state as state_lib
 from dfnas_jax.train import steps, trainer
 
@@ -84,6 +84,27 @@ def save_search(mngr: ocp.CheckpointManager, workdir: str, step: int, rstate: Se
     wd.write_json(os.path.join(workdir, 'history.json'), history)
   checkpointing.save(mngr, step, jax.device_get(flax.jax_utils.unreplicate(rstate)),
                      force=epoch_end)
+
+
+def run_search(search_loop: loop.Loop, state: SearchState, step_fn: loop.StepFn, *, config,
+               mngr: ocp.CheckpointManager, workdir: str, history: List[Dict],
+               steps_per_epoch: int, on_epoch_end) -> SearchState:
+  """A search's steps (DARTS, ProxylessNAS) from `state`: logged and checkpointed as
+  `config` says and at every epoch's end, where `on_epoch_end(step, epoch, rstate,
+  scalars)` records the epoch (in `history`, saved with its checkpoint). Returns the
+  final state on the host."""
+  def log(step, rstate, scalars, at_epoch_end):
+    if at_epoch_end:
+      on_epoch_end(step, -(-step // steps_per_epoch), rstate, scalars)
+
+  rstate = search_loop.run(
+      steps.replicate(state), step_fn, name='search', log_every_steps=config.log_every_steps,
+      checkpoint_every_steps=config.checkpoint_every_steps,
+      save=lambda step, rstate, at_epoch_end: save_search(mngr, workdir, step, rstate, history,
+                                                          at_epoch_end),
+      boundary=lambda step: step % steps_per_epoch == 0, on_log=log)
+  mngr.wait_until_finished()
+  return jax.device_get(flax.jax_utils.unreplicate(rstate))
 
 
 def synthetic_data(config, workdir: str) -> Tuple[str, Dict[str, Any], float]:

@@ -205,26 +205,15 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
     rstate, train_m, arch_m = p_step(rstate, train_batch, val_batch, *extra_args)
     return rstate, {'train_': train_m, '': arch_m}
 
-  def epoch_end(step):
-    return step % steps_per_epoch == 0
+  def epoch_end(step, epoch, rstate, scalars):
+    alphas = jax.device_get(flax.jax_utils.unreplicate(rstate.alphas))
+    genotype = write_genotype_files(config, workdir, epoch, alphas)
+    history.append({'epoch': epoch, 'step': step, **scalars, 'genotype': genotype})
+    logging.info('Epoch %d: %s, genotype %s', epoch, scalars, genotype)
 
-  def log_epoch(step, rstate, scalars, at_epoch_end):
-    if at_epoch_end:
-      epoch = -(-step // steps_per_epoch)
-      alphas = jax.device_get(flax.jax_utils.unreplicate(rstate.alphas))
-      genotype = write_genotype_files(config, workdir, epoch, alphas)
-      history.append({'epoch': epoch, 'step': step, **scalars, 'genotype': genotype})
-      logging.info('Epoch %d: %s, genotype %s', epoch, scalars, genotype)
-
-  def save(step, rstate, at_epoch_end):
-    common.save_search(mngr, workdir, step, rstate, history, at_epoch_end)
-
-  rstate = search_loop.run(steps.replicate(state), search_step, name='search',
-                           log_every_steps=config.log_every_steps,
-                           checkpoint_every_steps=config.checkpoint_every_steps, save=save,
-                           boundary=epoch_end, on_log=log_epoch)
-  mngr.wait_until_finished()
-  final = jax.device_get(flax.jax_utils.unreplicate(rstate))
+  final = common.run_search(search_loop, state, search_step, config=config, mngr=mngr,
+                            workdir=workdir, history=history, steps_per_epoch=steps_per_epoch,
+                            on_epoch_end=epoch_end)
   return {'alphas': final.alphas, 'history': history, 'num_steps': num_steps,
           'steps_per_epoch': steps_per_epoch, 'wall_time_s': search_loop.stopwatch.seconds()}
 

@@ -386,13 +386,7 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
       rstate, arch_m = p_arch_step(rstate, next(val_data), *extra_args)
     return rstate, {'train_': weight_m, '': arch_m}
 
-  def epoch_end(step):
-    return step % steps_per_epoch == 0
-
-  def log_epoch(step, rstate, scalars, at_epoch_end):
-    if not at_epoch_end:
-      return
-    epoch = -(-step // steps_per_epoch)
+  def epoch_end(step, epoch, rstate, scalars):
     alphas = np.asarray(jax.device_get(flax.jax_utils.unreplicate(rstate.alphas)))
     probs = np.asarray(probabilities(alphas, allowed))
     choices = derive(alphas, allowed)
@@ -409,15 +403,9 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
     logging.info('Epoch %d: %s, argmax %s', epoch, scalars,
                  space_lib.architecture_name(config.space, choices))
 
-  def save(step, rstate, at_epoch_end):
-    common.save_search(mngr, workdir, step, rstate, history, at_epoch_end)
-
-  rstate = search_loop.run(steps.replicate(state), search_step, name='search',
-                           log_every_steps=config.log_every_steps,
-                           checkpoint_every_steps=config.checkpoint_every_steps, save=save,
-                           boundary=epoch_end, on_log=log_epoch)
-  mngr.wait_until_finished()
-  final = jax.device_get(flax.jax_utils.unreplicate(rstate))
+  final = common.run_search(search_loop, state, search_step, config=config, mngr=mngr,
+                            workdir=workdir, history=history, steps_per_epoch=steps_per_epoch,
+                            on_epoch_end=epoch_end)
   return {'alphas': np.asarray(final.alphas), 'history': history, 'num_steps': num_steps,
           'warmup_steps': warmup_steps, 'arch_steps': arch_steps(num_steps),
           'steps_per_epoch': steps_per_epoch, 'wall_time_s': search_loop.stopwatch.seconds()}
