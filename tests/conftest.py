@@ -38,11 +38,7 @@ def pytest_unconfigure(config):
 
 
 def _require_everything():
-  missing = []
-  if not os.path.isdir(os.path.join(_data_dir(), 'cifar10_jpeg')):
-    missing.append(f'the offline cifar10_jpeg under {_data_dir()} (DFNAS_TEST_DATA_DIR)')
-  if not os.path.isfile(_nb201_table()):
-    missing.append(f'the NAS-Bench-201 table {_nb201_table()} (DFNAS_NB201_TABLE)')
+  missing = [m for m in (_data_dir_missing(), _nb201_table_missing()) if m]
   if importlib.util.find_spec('torch') is None:
     missing.append("torch (pip install 'torch==2.13.0', the CPU build)")
   if missing:
@@ -64,12 +60,18 @@ def _data_dir():
   return os.environ.get('DFNAS_TEST_DATA_DIR', str(REPO.parent / 'shared' / 'data' / 'tfds'))
 
 
+def _data_dir_missing():
+  if not os.path.isdir(os.path.join(_data_dir(), 'cifar10_jpeg')):
+    return f'offline cifar10_jpeg not found under {_data_dir()} (set DFNAS_TEST_DATA_DIR)'
+  return None
+
+
 @pytest.fixture(scope='session')
 def data_dir():
-  path = _data_dir()
-  if not os.path.isdir(os.path.join(path, 'cifar10_jpeg')):
-    pytest.skip(f'offline cifar10_jpeg not found under {path} (set DFNAS_TEST_DATA_DIR)')
-  return path
+  missing = _data_dir_missing()
+  if missing:
+    pytest.skip(missing)
+  return _data_dir()
 
 
 def _nb201_table():
@@ -77,12 +79,18 @@ def _nb201_table():
                         str(REPO.parent / 'shared' / 'data' / 'nasbench201' / 'cifar10.json'))
 
 
+def _nb201_table_missing():
+  if not os.path.isfile(_nb201_table()):
+    return f'NAS-Bench-201 table {_nb201_table()} not found (set DFNAS_NB201_TABLE)'
+  return None
+
+
 @pytest.fixture(scope='session')
 def nb201_table_path():
-  path = _nb201_table()
-  if not os.path.isfile(path):
-    pytest.skip(f'NAS-Bench-201 table {path} not found (set DFNAS_NB201_TABLE)')
-  return path
+  missing = _nb201_table_missing()
+  if missing:
+    pytest.skip(missing)
+  return _nb201_table()
 
 
 @pytest.fixture

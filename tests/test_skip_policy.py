@@ -56,5 +56,5 @@ def test_no_skips_fails_a_run_with_a_skip_on_two_workers(pytester, monkeypatch, 
 def test_no_skips_stops_before_any_test_when_the_data_is_missing(pytester, monkeypatch, tmp_path):
   result = _run(pytester, monkeypatch, tmp_path, no_skips=True, with_data=False)
   assert result.ret == pytest.ExitCode.USAGE_ERROR
-  result.stderr.fnmatch_lines(['*DFNAS_TEST_NO_SKIPS=1*offline cifar10_jpeg under*tfds*'])
+  result.stderr.fnmatch_lines(['*DFNAS_TEST_NO_SKIPS=1*offline cifar10_jpeg not found under*tfds*'])
   assert 'passed' not in result.stdout.str()
