@@ -200,7 +200,7 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
   data = flax.jax_utils.prefetch_to_device(
       zip(batches(train_source, config.seed), batches(val_source, config.seed + 1)), 2)
 
-  def search_step(rstate, step):
+  def step_fn(rstate, step):
     train_batch, val_batch = next(data)
     rstate, train_m, arch_m = p_step(rstate, train_batch, val_batch, *extra_args)
     return rstate, {'train_': train_m, '': arch_m}
@@ -211,7 +211,7 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
     history.append({'epoch': epoch, 'step': step, **scalars, 'genotype': genotype})
     logging.info('Epoch %d: %s, genotype %s', epoch, scalars, genotype)
 
-  final = common.run_search(search_loop, state, search_step, config=config, mngr=mngr,
+  final = common.run_search(search_loop, state, step_fn, config=config, mngr=mngr,
                             workdir=workdir, history=history, steps_per_epoch=steps_per_epoch,
                             on_epoch_end=epoch_end)
   return {'alphas': final.alphas, 'history': history, 'num_steps': num_steps,

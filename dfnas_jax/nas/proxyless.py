@@ -379,7 +379,7 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
       model, state.weights.variables, [next(calibration) for _ in range(config.calibration_batches)],
       list(ip.eval_batches(val_source, config.batch_size, space.image_size, config.augment)))
 
-  def search_step(rstate, step):
+  def step_fn(rstate, step):
     rstate, weight_m = p_weight_step(rstate, next(train_data), *extra_args)
     arch_m = None
     if arch_steps(step) > arch_steps(step - 1):
@@ -403,7 +403,7 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
     logging.info('Epoch %d: %s, argmax %s', epoch, scalars,
                  space_lib.architecture_name(config.space, choices))
 
-  final = common.run_search(search_loop, state, search_step, config=config, mngr=mngr,
+  final = common.run_search(search_loop, state, step_fn, config=config, mngr=mngr,
                             workdir=workdir, history=history, steps_per_epoch=steps_per_epoch,
                             on_epoch_end=epoch_end)
   return {'alphas': np.asarray(final.alphas), 'history': history, 'num_steps': num_steps,
