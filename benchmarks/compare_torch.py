@@ -43,7 +43,6 @@ paths drawn uniformly in the FLOPs band instead of `nas.spos.PathSampler`.
 import copy
 import json
 import os
-import sys
 import time
 
 os.environ['JAX_PLATFORMS'] = 'cpu'  # before JAX starts: both sides on the CPU
@@ -59,10 +58,9 @@ import torch.nn.functional as F  # pylint: disable=wrong-import-position
 from absl import app, flags  # pylint: disable=wrong-import-position
 from torch import nn as tnn  # pylint: disable=wrong-import-position
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import spos as spos_config  # pylint: disable=wrong-import-position
-from configs import synthesize as synthesize_config  # pylint: disable=wrong-import-position
 from dfnas_jax import models, teachers  # pylint: disable=wrong-import-position
+from dfnas_jax.configs import spos as spos_config  # pylint: disable=wrong-import-position
+from dfnas_jax.configs import synthesize as synthesize_config  # pylint: disable=wrong-import-position
 from dfnas_jax.models import layers, resnet  # pylint: disable=wrong-import-position
 from dfnas_jax.models import spos as spos_lib  # pylint: disable=wrong-import-position
 from dfnas_jax.synthesis import inversion  # pylint: disable=wrong-import-position

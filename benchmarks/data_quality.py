@@ -21,17 +21,14 @@ Rows resume: a row whose student finished is read back, a half-done one
 continues where its stages stopped. Writes WORKDIR/results.md and results.json.
 """
 import os
-import sys
 import time
 
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
-
-from configs import retrain as retrain_config
-from configs import synthesize as synthesize_config
 from dfnas_jax import stages
 from dfnas_jax import workdir as wd
+from dfnas_jax.configs import retrain as retrain_config
+from dfnas_jax.configs import synthesize as synthesize_config
 from dfnas_jax.evaluation.rank_correlation import VARIANTS
 
 # Synthesis overrides per row; the consistency study's variants where they coincide.

@@ -20,13 +20,13 @@ import numpy as np
 from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import synthesis  # pylint: disable=g-import-not-at-top,wrong-import-position  # benchmarks/
-from configs import darts as darts_config  # pylint: disable=wrong-import-position
+
 from dfnas_jax import models  # pylint: disable=wrong-import-position
+from dfnas_jax.configs import darts as darts_config  # pylint: disable=wrong-import-position
 from dfnas_jax.models import darts as darts_space  # pylint: disable=wrong-import-position
 from dfnas_jax.models import layers  # pylint: disable=wrong-import-position
-from dfnas_jax.nas import common, darts  # pylint: disable=wrong-import-position
+from dfnas_jax.nas import darts, search_loop  # pylint: disable=wrong-import-position
 from dfnas_jax.train import state as state_lib  # pylint: disable=wrong-import-position
 from dfnas_jax.train import steps  # pylint: disable=wrong-import-position
 
@@ -99,7 +99,7 @@ def darts_search(channels, cells, size, batch_size, n_dev, dtype, repeats):
   tx, lr_fn = darts.weight_optimizer(config, 1000)
   arch_tx = darts.arch_optimizer(config)
   alphas = darts_space.initial_alphas(jax.random.PRNGKey(1))
-  state = common.SearchState(
+  state = search_loop.SearchState(
       weights=state_lib.create_train_state(model, jax.random.PRNGKey(0), size, tx),
       alphas=alphas, arch_opt_state=arch_tx.init(alphas))
   p_step = darts.pmap_search_step(arch_tx=arch_tx,
@@ -129,9 +129,9 @@ def main(_):
     step_s, flops = supernet(s['supernet'] * n_dev, s['space'], n_dev, dtype, FLAGS.repeats)
     rows.append((f'SPOS supernet step ({s["space"]})', n_dev, s['supernet'] * n_dev, step_s,
                  flops))
-    c, l, size, b = s['darts']
-    step_s, flops = darts_search(c, l, size, b * n_dev, n_dev, dtype, FLAGS.repeats)
-    rows.append((f'DARTS search step (exact, C={c}, {l} cells, {size} px)', n_dev, b * n_dev,
+    c, cells, size, b = s['darts']
+    step_s, flops = darts_search(c, cells, size, b * n_dev, n_dev, dtype, FLAGS.repeats)
+    rows.append((f'DARTS search step (exact, C={c}, {cells} cells, {size} px)', n_dev, b * n_dev,
                  step_s, flops))
   print('| step | devices | batch | ms/step | images/s | GFLOP/step | GFLOP/s | of peak |')
   print('|---|---|---|---|---|---|---|---|')

@@ -14,6 +14,7 @@ import numpy as np
 from absl import app, flags
 
 from dfnas_jax import teachers
+from dfnas_jax.configs import synthesize as synthesize_config
 from dfnas_jax.synthesis import inversion
 from dfnas_jax.train import state as state_lib
 
@@ -35,7 +36,9 @@ def measure(teacher: str = 'cifar10_resnet20', batch_size: int = 128, canvas: in
   spec = teachers.get(teacher)
   module = spec.module()
   variables = state_lib.init_variables(module, jax.random.PRNGKey(0), window)
-  settings = inversion.Settings(canvas=canvas, window=window)
+  config = synthesize_config.get_config()
+  config.update(canvas=canvas, window=window)
+  settings = inversion.settings_from_config(config)
   inverter = inversion.Inverter(module.apply, variables, module.mean, module.std, settings,
                                 [(factor, steps)], chunk_steps=steps)
   n = jax.local_device_count()

@@ -3,8 +3,9 @@
 For an accelerator machine without TensorFlow (so without the TFDS reader): the
 CIFAR-10 JPEGs travel as one `.npz`, are decoded with Pillow and kept on the
 device, and each step gathers, pad-crops and flips its batch there. (The shipped
-`cifar10_resnet20` was trained on CPU by the teacher stage; see its model card.) Model, optimizer and train step are the package's own
-(`dfnas_jax.train`), so the recipe matches `configs/teacher.py`. It also reports
+`cifar10_resnet20` was trained on CPU by the teacher stage; see its model card.) Model,
+optimizer and train step are the package's own (`dfnas_jax.train`), so the recipe matches
+`configs/teacher.py`. It also reports
 training throughput (steps/s, images/s).
 
   # here, once: export the JPEG bytes of a TFDS split

@@ -17,9 +17,8 @@ Search on real data with hard labels instead (the comparison experiments):
 """
 import ml_collections
 
-from configs import search_data
-from configs import synthesize as synthesize_config
-
+from dfnas_jax.configs import search_data
+from dfnas_jax.configs import synthesize as synthesize_config
 
 PRESETS = ('', 'smoke', 'cifar10', 'nb201', 'nb201_smoke')
 

@@ -6,7 +6,6 @@
 import ml_collections
 from ml_collections import config_dict
 
-
 PRESETS = ('',)
 
 
@@ -20,7 +19,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.download = True
   c.split = 'test'
   c.image_size = 0                # 0: the model's own input size
-  c.augment = 'cifar'             # eval preprocessing: cifar (resize) | imagenet | crop (centre window)
+  c.augment = 'cifar'  # eval preprocessing: cifar (resize) | imagenet | crop (centre window)
   c.batch_size = 500
   if preset:
     raise ValueError(f'Unknown preset {preset!r} for evaluate; presets: {PRESETS}')

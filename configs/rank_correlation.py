@@ -26,9 +26,9 @@ adding variants.
 import ml_collections
 from ml_collections import config_dict
 
-from configs import retrain as retrain_config
-from configs import search_data
-from configs import synthesize as synthesize_config
+from dfnas_jax.configs import retrain as retrain_config
+from dfnas_jax.configs import search_data
+from dfnas_jax.configs import synthesize as synthesize_config
 
 
 def _smoke_data_and_supernet(c: ml_collections.ConfigDict, weight_decay: float) -> None:

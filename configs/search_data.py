@@ -2,12 +2,12 @@
 import ml_collections
 from ml_collections import config_dict
 
-from configs import retrain as retrain_config
-from configs import synthesize as synthesize_config
-from configs import training
+from dfnas_jax.configs import retrain as retrain_config
+from dfnas_jax.configs import synthesize as synthesize_config
+from dfnas_jax.configs import training
 
 # configs/retrain.py fields that a search stage fills in from its own fields before it
-# retrains (dfnas_jax.nas.common.retrain_configs), so its `retrain` block has none of them.
+# retrains (dfnas_jax.nas.retraining.retrain_configs), so its `retrain` block has none of them.
 SET_BY_THE_SEARCH = ('stage', 'architecture', 'dataset', 'data_dir', 'download', 'train_split',
                      'loss', 'soft_labels', 'teacher', 'teacher_checkpoint', 'eval_dataset',
                      'eval_data_dir', 'eval_split')

@@ -19,8 +19,8 @@ Search on real data with hard labels instead (the comparison experiments):
 """
 import ml_collections
 
-from configs import search_data
-from configs import synthesize as synthesize_config
+from dfnas_jax.configs import search_data
+from dfnas_jax.configs import synthesize as synthesize_config
 
 
 def _smoke_scale(c: ml_collections.ConfigDict, weight_decay: float) -> None:

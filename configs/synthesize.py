@@ -1,16 +1,16 @@
 """Synthesize a dataset from a teacher (recursive label calibration, regional update,
 multi-resolution), written as a TFDS dataset under WORKDIR/synthetic.
 
-  python -m dfnas_jax.main --config=configs/synthesize.py            # 512 images, ~6 min on 2 CPU cores
-  python -m dfnas_jax.main --config=configs/synthesize.py:smoke      # seconds, for tests
-  python -m dfnas_jax.main --config=configs/synthesize.py:imagenet --config.teacher_checkpoint=resnet50.pth
+  python -m dfnas_jax.main --config=configs/synthesize.py        # 512 images, ~6 min on 2 CPU cores
+  python -m dfnas_jax.main --config=configs/synthesize.py:smoke  # seconds, for tests
+  python -m dfnas_jax.main --config=configs/synthesize.py:imagenet \
+      --config.teacher_checkpoint=resnet50.pth
 
 Ablations: --config.label_calibration=False (hard targets every round),
 --config.regional_update=False (canvas = window, random jitter only),
 --config.multi_resolution=False, --config.bn_weight=0, --config.method=gaussian_noise.
 """
 import ml_collections
-
 
 PRESETS = ('', 'smoke', 'imagenet')
 
@@ -19,7 +19,7 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = 'synthesize'
   c.teacher = 'cifar10_resnet20'  # zoo name or trained-model directory
-  c.teacher_checkpoint = ''       # ImageNet teachers: torchvision .pth/.npz/.safetensors or .msgpack
+  c.teacher_checkpoint = ''       # ImageNet teachers: torchvision .pth/.npz/.safetensors, .msgpack
   c.method = 'inversion'          # inversion | gaussian_noise (teacher-labelled noise baseline)
   c.seed = 0
   c.output_dir = ''               # default WORKDIR/synthetic

@@ -6,8 +6,7 @@
 import ml_collections
 from ml_collections import config_dict
 
-from configs import training
-
+from dfnas_jax.configs import training
 
 PRESETS = ('', 'smoke')
 

@@ -1,4 +1,4 @@
-"""The SGD schedule `dfnas_jax.train.trainer.fit` reads, defined once for every stage that trains."""
+"""The SGD schedule that `dfnas_jax.train.trainer.fit` reads, for every stage that trains."""
 import ml_collections
 
 

@@ -18,12 +18,6 @@ from ml_collections import config_flags
 
 from dfnas_jax import distributed, stages
 
-# configs/*.py import each other as `configs.*`: in a source checkout (pip install -e)
-# make that package importable from any working directory.
-_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isfile(os.path.join(_CHECKOUT, 'configs', '__init__.py')) and _CHECKOUT not in sys.path:
-  sys.path.append(_CHECKOUT)
-
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Stage config file (configs/*.py[:preset]).',
                                 lock_config=True)

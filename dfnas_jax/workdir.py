@@ -18,7 +18,8 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 def write_json(path: str, obj: Any) -> None:
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + '\n').encode())
+  text = json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + '\n'
+  atomic_write_bytes(path, text.encode())
 
 
 def read_json(path: str) -> Any:

@@ -3,6 +3,11 @@
 Its location: $DFNAS_TEST_DATA_DIR, else ../shared/data/tfds next to the repository.
 The NAS-Bench-201 results table: $DFNAS_NB201_TABLE, else
 ../shared/data/nasbench201/cifar10.json next to the repository.
+Two tiers. The default run (`python -m pytest`) is the fast tier: no real data, minutes.
+`-m slow` is the rest: end-to-end stage runs, kill/resume, notebooks, several processes,
+and every test that reads the offline copies (marked here from the fixtures it uses);
+`-m 'slow or not slow'` runs both, as .ci/run does.
+
 The package itself never needs these copies. Without them (or without torch) the tests
 that need them skip, each saying why; with DFNAS_TEST_NO_SKIPS=1 (set by .ci/run) a missing
 copy stops the run before it starts and any skipped test fails it.
@@ -35,6 +40,17 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
   if getattr(config, 'jax_cache', None):
     shutil.rmtree(config.jax_cache, ignore_errors=True)
+
+
+# The fixtures that read the offline copies: a test that uses one (directly or through
+# another fixture) is in the slow tier.
+REAL_DATA_FIXTURES = ('data_dir', 'nb201_table_path')
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if any(f in getattr(item, 'fixturenames', ()) for f in REAL_DATA_FIXTURES):
+      item.add_marker(pytest.mark.slow)
 
 
 def _require_everything():
@@ -96,7 +112,7 @@ def nb201_table_path():
 @pytest.fixture
 def train_config(data_dir):
   """The teacher stage's smoke config on a tiny ResNet (seconds on 2 CPU cores)."""
-  from configs import teacher
+  from dfnas_jax.configs import teacher
   config = teacher.get_config('smoke')
   config.architecture = 'cifar_resnet8'
   config.dataset = 'cifar10_jpeg'

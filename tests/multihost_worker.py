@@ -17,11 +17,9 @@ import jax
 import numpy as np
 from absl import logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import spos as spos_config  # pylint: disable=g-import-not-at-top
 from dfnas_jax import distributed, models
-from dfnas_jax.nas import common, spos
+from dfnas_jax.configs import spos as spos_config  # pylint: disable=g-import-not-at-top
+from dfnas_jax.nas import search_data, spos
 from dfnas_jax.synthesis import synthesize
 
 SUPERNET_STEPS = 6
@@ -43,7 +41,7 @@ def main(process_id: int, port: int, workdir: str, crash_at_step: int = 0):
     assert summary['num_images'] == 32, summary
 
   config.dataset = os.path.join(workdir, 'synthesize', 'synthetic')
-  data = common.search_data(config, workdir, per_class=config.val_per_class)
+  data = search_data.load(config, workdir, per_class=config.val_per_class)
   sampler = spos.PathSampler(spos.one_shot_space(config.space), data.train.num_classes,
                              config.flops_min, config.flops_max, config.path_sampling)
   model = models.build_model(config.space, data.train.num_classes, dropout=config.dropout)

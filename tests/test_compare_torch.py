@@ -11,7 +11,9 @@ import pytest
 torch = pytest.importorskip('torch', reason='the PyTorch twins need torch')
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 'benchmarks'))
-import compare_torch  # pylint: disable=wrong-import-position  # benchmarks/; JAX on the CPU
+import compare_torch  # noqa: E402  # benchmarks/; JAX on the CPU
+
+pytestmark = pytest.mark.slow  # the benchmark's PyTorch twins against the JAX steps
 
 
 def test_torch_twins_match_and_a_perturbed_weight_fails(quick_compiles):

@@ -12,21 +12,21 @@ CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, 'configs'))
 
 
 def _config(name, preset=''):
-  config = importlib.import_module(f'configs.{name}').get_config(preset)
+  config = importlib.import_module(f'dfnas_jax.configs.{name}').get_config(preset)
   if config.get('space', '').startswith('nb201'):
     config.benchmark_table = 'cifar10.json'  # the flag these presets' commands pass
   return config
 
 
 def test_every_stage_config_has_presets():
-  assert {c: importlib.import_module(f'configs.{c}').PRESETS[0] for c in CONFIGS} == {
+  assert {c: importlib.import_module(f'dfnas_jax.configs.{c}').PRESETS[0] for c in CONFIGS} == {
       c: '' for c in CONFIGS}
   assert len(CONFIGS) == len(stages.STAGES)
 
 
 @pytest.mark.parametrize('name, preset', [
     (name, preset) for name in CONFIGS
-    for preset in importlib.import_module(f'configs.{name}').PRESETS])
+    for preset in importlib.import_module(f'dfnas_jax.configs.{name}').PRESETS])
 def test_every_preset_passes_its_stage_checks(name, preset):
   stages.check(_config(name, preset))
 
@@ -78,15 +78,15 @@ def test_a_bad_teacher_fails_at_config_time(tmp_path):
 
 @pytest.mark.parametrize('name', ['spos', 'darts', 'proxylessnas', 'rank_correlation'])
 def test_the_stages_teacher_reaches_every_phase(name, tmp_path):
-  from dfnas_jax.nas import common
+  from dfnas_jax.nas import retraining, search_data
   config = _config(name, 'smoke')
   config.teacher, config.teacher_checkpoint = str(tmp_path / 'mine'), str(tmp_path / 'w.pth')
-  synthesis = common.synthesis_config(config)
+  synthesis = search_data.synthesis_config(config)
   assert (synthesis.teacher, synthesis.teacher_checkpoint) == (config.teacher,
                                                                config.teacher_checkpoint)
   if name != 'rank_correlation':
     config.retrain_data = 'synthetic,real'
-    for rc in common.retrain_configs(config, 'cifar_resnet8', 'data', 'distillation').values():
+    for rc in retraining.retrain_configs(config, 'cifar_resnet8', 'data', 'distillation').values():
       assert (rc.teacher, rc.teacher_checkpoint) == (config.teacher, config.teacher_checkpoint)
 
 
@@ -95,7 +95,8 @@ SEARCHES = ('spos', 'darts', 'proxylessnas')
 
 @pytest.mark.parametrize('name, preset', [
     (name, preset) for name in SEARCHES
-    for preset in importlib.import_module(f'configs.{name}').PRESETS if preset != 'imagenet'])
+    for preset in importlib.import_module(f'dfnas_jax.configs.{name}').PRESETS
+    if preset != 'imagenet'])
 def test_retraining_on_the_real_training_split_fits_its_schedule(name, preset, data_dir):
   """retrain_data='synthetic,real' with the preset's schedule: its warm-up, counted in
   epochs of CIFAR-10's 50,000 training images, is shorter than its steps."""
@@ -111,17 +112,17 @@ def test_retraining_on_the_real_training_split_fits_its_schedule(name, preset, d
 
 @pytest.mark.parametrize('name, preset', [
     (name, preset) for name in SEARCHES
-    for preset in importlib.import_module(f'configs.{name}').PRESETS])
+    for preset in importlib.import_module(f'dfnas_jax.configs.{name}').PRESETS])
 def test_a_searchs_retrain_block_holds_only_what_the_search_does_not_set(name, preset):
   """The search names the retrained architecture, its data, teacher and evaluation itself,
   so its `retrain` block has no such field: `--config.retrain.teacher=...` is an unknown
   field, not silently overwritten. The retrain stage still gets every field it has."""
-  from configs import retrain as retrain_config
-  from configs import search_data
-  from dfnas_jax.nas import common
+  from dfnas_jax.configs import retrain as retrain_config
+  from dfnas_jax.configs import search_data
+  from dfnas_jax.nas import retraining
   config = _config(name, preset)
   assert not set(search_data.SET_BY_THE_SEARCH) & set(config.retrain.keys())
   config.retrain_data, config.download = 'synthetic,real', False
-  for rc in common.retrain_configs(config, 'cifar_resnet8', 'data', 'distillation').values():
+  for rc in retraining.retrain_configs(config, 'cifar_resnet8', 'data', 'distillation').values():
     assert set(rc.keys()) >= set(retrain_config.get_config().keys())
     assert (rc.stage, rc.architecture, rc.download) == ('retrain', 'cifar_resnet8', False)

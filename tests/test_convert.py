@@ -11,8 +11,15 @@ torch = pytest.importorskip('torch', reason='the converter parity tests need tor
 from dfnas_jax import models, teachers  # noqa: E402
 from dfnas_jax.teachers import convert  # noqa: E402
 from tests.torch_resnets import (  # noqa: E402
-    CIFAR_MEAN, CIFAR_STD, compare_logits, images_like, state_dict_np, template_for,
-    torch_resnet, user_teacher)
+  CIFAR_MEAN,
+  CIFAR_STD,
+  compare_logits,
+  images_like,
+  state_dict_np,
+  template_for,
+  torch_resnet,
+  user_teacher,
+)
 
 
 @pytest.fixture(scope='module', autouse=True)

@@ -14,10 +14,10 @@ import numpy as np
 import optax
 import pytest
 
-from configs import darts as darts_config
 from dfnas_jax import models, teachers
+from dfnas_jax.configs import darts as darts_config
 from dfnas_jax.models import darts, layers
-from dfnas_jax.nas import bilevel, common
+from dfnas_jax.nas import bilevel, search_loop
 from dfnas_jax.nas import darts as darts_stage
 from dfnas_jax.train import state as state_lib
 from dfnas_jax.train import steps
@@ -149,6 +149,7 @@ def test_each_architecture_row_weights_its_own_edge(quick_compiles):
         assert np.abs(block).max() == 0, (labels[e], i)
 
 
+@pytest.mark.slow  # trains a network end to end
 def test_genotype_network_trains_with_auxiliary_head_and_drop_path(quick_compiles):
   name = darts.architecture_name(GENOTYPE, 4, 3, auxiliary=True, drop_path=0.3)
   model = models.build_model(name, 10)
@@ -259,7 +260,7 @@ def test_search_step_virtual_step_is_the_references_unclipped_one(mode):
   alphas = jnp.asarray([0.3, -0.2])
   params = jax.jit(model.init)(jax.random.PRNGKey(0), batch(0)['image'][0], alphas)['params']
   arch_tx = optax.sgd(1.0)  # the hypergradient is the change of alphas
-  state = common.SearchState(
+  state = search_loop.SearchState(
       weights=state_lib.create_train_state(model, None, 0, tx, {'params': params,
                                                                 'batch_stats': {}}),
       alphas=alphas, arch_opt_state=arch_tx.init(alphas))

@@ -76,7 +76,8 @@ def test_clear_errors(source, data_dir, monkeypatch):
   with pytest.raises(ValueError, match='fewer than one batch of 1000'):
     ip.steps_per_epoch(source, 1000)
   monkeypatch.setattr(jax, 'device_count', lambda: 2)
-  with pytest.raises(ValueError, match=r'batch_size=33 must be divisible by the number of devices \(2\)'):
+  with pytest.raises(ValueError,
+                     match=r'batch_size=33 must be divisible by the number of devices \(2\)'):
     ip.host_batch_size(33)
   with pytest.raises(ValueError, match="Split 'validation' does not exist"):
     ip.get_source('cifar10_jpeg', 'validation', data_dir, download=False)

@@ -10,9 +10,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _main(args, cwd):
+  # As installed: no PYTHONPATH, and not run from the checkout (the configs import as
+  # dfnas_jax.configs).
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
   return subprocess.run([sys.executable, '-m', 'dfnas_jax.main', *args], cwd=cwd,
-                        capture_output=True, text=True, timeout=600,
-                        env=dict(os.environ, PYTHONPATH=REPO))
+                        capture_output=True, text=True, timeout=600, env=env)
 
 
 def test_teacher_then_evaluate(data_dir, tmp_path):

@@ -11,6 +11,7 @@ from dfnas_jax.models import layers
 from dfnas_jax.synthesis import inversion
 from dfnas_jax.train import state as state_lib
 from dfnas_jax.train import steps
+from tests import inversion_settings
 
 # bfloat16 keeps 8 significant bits: one rounding is off by at most u = 2**-8 relative.
 BF16_ROUNDING = 2.0 ** -8
@@ -37,7 +38,7 @@ def test_compute_dtype_names():
 
 
 def test_bfloat16_inversion_tracks_float32(quick_compiles):
-  settings = inversion.Settings(canvas=36, window=32, warmup_steps=2, lr=0.1)
+  settings = inversion_settings.settings(canvas=36, window=32, warmup_steps=2, lr=0.1)
   targets = np.eye(10, dtype=np.float32)[np.arange(8)][None]
   keys = inversion.image_keys(0, 0, np.arange(8))[None]
   histories, logits = {}, {}
@@ -71,6 +72,7 @@ def test_bfloat16_inversion_tracks_float32(quick_compiles):
     np.testing.assert_array_equal(logits[dtype].argmax(-1), targets.argmax(-1), err_msg=dtype)
 
 
+@pytest.mark.slow  # bfloat16 convolutions are emulated on CPU
 def test_bfloat16_supernet_steps_track_float32(quick_compiles):
   rng = np.random.default_rng(0)
   batch = {'image': rng.random((1, 8, 32, 32, 3), np.float32),

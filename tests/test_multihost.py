@@ -14,7 +14,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
+
+pytestmark = pytest.mark.slow  # several processes, a kill and a resume
 
 WORKER = pathlib.Path(__file__).with_name('multihost_worker.py')
 

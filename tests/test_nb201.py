@@ -182,6 +182,7 @@ def _apply(model, variables, images, *args, train=False):
   return model.apply(variables, images, *args)
 
 
+@pytest.mark.slow  # compiles a whole supernet training step
 def test_supernet_compiles_once_keeps_unused_choices_and_equals_the_standalone_network(
     quick_compiles):
   model = models.build_model('nb201-4x1', 10)

@@ -7,9 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from configs import darts as darts_config
-from configs import rank_correlation as rc_config
-from configs import spos as spos_config
+from dfnas_jax.configs import darts as darts_config
+from dfnas_jax.configs import rank_correlation as rc_config
+from dfnas_jax.configs import spos as spos_config
 from dfnas_jax.data import nasbench201
 from dfnas_jax.evaluation import rank_correlation as rc
 from dfnas_jax.models import nb201

@@ -72,6 +72,7 @@ def test_kernel_runs_this_interpreter():
   assert KernelManager(kernel_name='python3').format_kernel_cmd()[0] == sys.executable
 
 
+@pytest.mark.slow  # runs the notebook
 def test_01_synthesize(tmp_path):
   workdir = tmp_path / 'synthesize'
   nb = notebooks.run('01_synthesize', {'SCALE': 'smoke', 'WORKDIR': str(workdir)})

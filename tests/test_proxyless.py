@@ -14,10 +14,11 @@ import numpy as np
 import optax
 import pytest
 
-from configs import proxylessnas as proxylessnas_config
 from dfnas_jax import models, teachers
+from dfnas_jax.configs import proxylessnas as proxylessnas_config
+from dfnas_jax.models import layers
 from dfnas_jax.models import proxyless as space_lib
-from dfnas_jax.nas import common, latency
+from dfnas_jax.nas import latency, search_loop
 from dfnas_jax.nas import proxyless as stage
 from dfnas_jax.train import state as state_lib
 from dfnas_jax.train import steps
@@ -25,6 +26,7 @@ from tests import notebooks
 from tests.conftest import REPO
 
 TINY = space_lib.SPACES['proxyless_tiny']
+ALONE = space_lib.BlockSettings(axis_name=None)  # train mode outside pmap
 
 
 def _params(variables):
@@ -56,7 +58,7 @@ def test_space_layers_zero_candidates_costs_and_names():
 @pytest.mark.parametrize('layer_index', [0, 2])  # with and without the zero candidate
 def test_mixed_layer_path_and_gate_modes_compute_the_same_candidate(layer_index, quick_compiles):
   layer = list(TINY.layers())[layer_index]
-  mixed = space_lib.MixedLayer(layer, functools.partial(space_lib.MBConv, axis_name=None))
+  mixed = space_lib.MixedLayer(layer, functools.partial(space_lib.MBConv, settings=ALONE))
   x = jax.random.normal(jax.random.PRNGKey(0), (2, layer.side, layer.side, layer.in_channels))
   variables = mixed.init(jax.random.PRNGKey(1), x, choice=0)
   assert sorted(variables['params']) == [f'choices_{c}' for c in range(6)]  # zero has none
@@ -81,10 +83,10 @@ def test_gate_estimator_equals_the_gradient_of_the_expected_loss(layer_index, mo
   it equals d/dalpha of E_{active ~ p}[L], with p over all allowed candidates
   ('full') or renormalized over the sampled pair ('two')."""
   layer = list(TINY.layers())[layer_index]
-  mixed = space_lib.MixedLayer(layer, functools.partial(space_lib.MBConv, axis_name=None))
+  mixed = space_lib.MixedLayer(layer, functools.partial(space_lib.MBConv, settings=ALONE))
   x = jax.random.normal(jax.random.PRNGKey(0), (2, layer.side, layer.side, layer.in_channels))
   variables = mixed.init(jax.random.PRNGKey(1), x, choice=0)
-  side = space_lib.out_side(layer.side, layer.stride)
+  side = layers.out_side(layer.side, layer.stride)
   w = jax.random.normal(jax.random.PRNGKey(2), (2, side, side, layer.out_channels))
   allowed = TINY.allowed()[layer_index:layer_index + 1]
   alphas = jax.random.normal(jax.random.PRNGKey(3), allowed.shape)
@@ -164,15 +166,16 @@ def test_layerwise_adam_is_torch_adam_with_one_parameter_per_layer():
     grads = rng.normal(size=(3, 4)).astype(np.float32)
     updates, state = tx.update(jnp.asarray(grads), state, params, skip=jnp.asarray(skip))
     params = optax.apply_updates(params, updates)
-    for l in np.flatnonzero(~skip):  # torch.optim.Adam's step of parameter l
-      t[l] += 1
-      g = grads[l] + wd * ref[l]
-      m[l] = b1 * m[l] + (1 - b1) * g
-      v[l] = b2 * v[l] + (1 - b2) * g ** 2
-      ref[l] -= lr * m[l] / (1 - b1 ** t[l]) / (np.sqrt(v[l] / (1 - b2 ** t[l])) + eps)
+    for k in np.flatnonzero(~skip):  # torch.optim.Adam's step of parameter k
+      t[k] += 1
+      g = grads[k] + wd * ref[k]
+      m[k] = b1 * m[k] + (1 - b1) * g
+      v[k] = b2 * v[k] + (1 - b2) * g ** 2
+      ref[k] -= lr * m[k] / (1 - b1 ** t[k]) / (np.sqrt(v[k] / (1 - b2 ** t[k])) + eps)
   np.testing.assert_allclose(params, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # compiles a whole supernet training step
 def test_two_path_arch_step_moves_only_the_drawn_pairs_and_skips_zero_layers(quick_compiles):
   """The reference's two-path step with the cost term on: E[cost] over each layer's
   drawn pair, renormalized (`current_prob_over_ops`); its gradient and the gates'
@@ -185,7 +188,7 @@ def test_two_path_arch_step_moves_only_the_drawn_pairs_and_skips_zero_layers(qui
   variables = state_lib.init_variables(model, jax.random.PRNGKey(0), 16)
   arch_tx = stage.arch_optimizer(proxylessnas_config.get_config())
   alphas = jax.random.normal(jax.random.PRNGKey(1), allowed.shape).at[0, space_lib.ZERO].set(1.0)
-  state = common.SearchState(
+  state = search_loop.SearchState(
       weights=state_lib.TrainState.create(apply_fn=model.apply, params=variables['params'],
                                           batch_stats=variables['batch_stats'],
                                           tx=optax.sgd(0.0)),
@@ -258,6 +261,7 @@ def test_latency_term_moves_probability_to_faster_candidates(form):
     assert p[slowest] < uniform[layer, slowest] - 0.05
 
 
+@pytest.mark.slow  # compiles a whole supernet training step
 def test_one_compiled_step_serves_every_sampled_path(quick_compiles):
   """Paths differ from step to step; neither step compiles again after its first call."""
   # Two layers (one may be zero, one strided) keep the compilation short.
@@ -269,7 +273,7 @@ def test_one_compiled_step_serves_every_sampled_path(quick_compiles):
   tx = state_lib.sgd(optax.constant_schedule(0.05), 0.9, 4e-5)
   arch_tx = stage.layerwise(optax.adam(1e-3, b1=0.0))
   alphas = jnp.zeros(allowed.shape)
-  state = common.SearchState(
+  state = search_loop.SearchState(
       weights=state_lib.TrainState.create(apply_fn=model.apply, params=variables['params'],
                                           batch_stats=variables['batch_stats'], tx=tx),
       alphas=alphas, arch_opt_state=arch_tx.init(alphas))
@@ -311,6 +315,7 @@ def test_one_compiled_step_serves_every_sampled_path(quick_compiles):
   assert not np.allclose(np.asarray(rstate.alphas[0]), 0.0)
 
 
+@pytest.mark.slow  # times forward passes of every candidate
 def test_cost_tables_flops_and_cached_latency(tmp_path, monkeypatch):
   flops = latency.flops_table(TINY, 10)
   choices = (space_lib.ZERO, 5, 1)
@@ -428,7 +433,8 @@ def test_proxylessnas_smoke_end_to_end_resumes_after_kill_then_notebook_04_shows
   assert found['cost_model'] == 'latency' and found['measured_latency_ms'] > 0
   assert found['flops_m'] == pytest.approx(space_lib.cost(TINY, found['choices'], 10)[0] / 1e6)
   table = json.loads((workdir / 'cost_table.json').read_text())
-  uniform = stage.probabilities(np.zeros((TINY.num_layers, space_lib.NUM_CANDIDATES)), TINY.allowed())
+  uniform = stage.probabilities(np.zeros((TINY.num_layers, space_lib.NUM_CANDIDATES)),
+                                TINY.allowed())
   expected = table['fixed'] + float(np.sum(np.asarray(uniform) * np.asarray(table['table'])))
   assert found['cost_target'] == pytest.approx(0.8 * expected, rel=1e-5)
   assert found['cost_of_architecture'] == pytest.approx(

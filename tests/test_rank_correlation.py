@@ -1,9 +1,10 @@
 """Consistency study: rank statistics, architecture choice, and the stage's resumable table."""
 import json
+
 import numpy as np
 import pytest
 
-from configs import rank_correlation as rc_config
+from dfnas_jax.configs import rank_correlation as rc_config
 from dfnas_jax.evaluation import rank_correlation as rc
 from dfnas_jax.models import darts, spos
 from dfnas_jax.nas import spos as spos_stage

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dfnas_jax.data import input_pipeline as ip
-from dfnas_jax.nas import common
+from dfnas_jax.nas import search_data
 from dfnas_jax.synthesis import writer as writer_lib
 
 ROUNDS, PER_ROUND, CLASSES = 3, 20, 4
@@ -38,25 +38,26 @@ def _column(source, feature):
 
 def test_class_balanced_rows_per_class_and_fraction():
   labels = np.repeat(np.arange(3), [10, 6, 3])
-  kept, held = common.class_balanced_rows(labels, 0, per_class=2)
+  kept, held = search_data.class_balanced_rows(labels, 0, per_class=2)
   assert sorted(kept + held) == list(range(len(labels))) and not set(kept) & set(held)
   assert np.bincount(labels[held]).tolist() == [2, 2, 2]
   # The reference's 8 of 10 per class; a class with fewer keeps one image.
-  assert np.bincount(labels[common.class_balanced_rows(labels, 0, per_class=8)[1]]).tolist() == [
-      8, 5, 2]
-  assert common.class_balanced_rows(labels, 0, per_class=2) == (kept, held)  # a function of seed
-  assert common.class_balanced_rows(labels, 1, per_class=2)[1] != held
-  _, halves = common.class_balanced_rows(labels, 0, fraction=0.5)
+  _, held_8 = search_data.class_balanced_rows(labels, 0, per_class=8)
+  assert np.bincount(labels[held_8]).tolist() == [8, 5, 2]
+  # A function of the seed:
+  assert search_data.class_balanced_rows(labels, 0, per_class=2) == (kept, held)
+  assert search_data.class_balanced_rows(labels, 1, per_class=2)[1] != held
+  _, halves = search_data.class_balanced_rows(labels, 0, fraction=0.5)
   assert np.bincount(labels[halves]).tolist() == [5, 3, 1]
   with pytest.raises(ValueError, match='exactly one of per_class and fraction'):
-    common.class_balanced_rows(labels, 0)
+    search_data.class_balanced_rows(labels, 0)
   with pytest.raises(ValueError, match='per_class >= 1 or fraction in'):
-    common.class_balanced_rows(labels, 0, fraction=0.8)
+    search_data.class_balanced_rows(labels, 0, fraction=0.8)
 
 
 @pytest.mark.parametrize('how', [dict(per_class=3), dict(fraction=0.5)])
 def test_search_data_holds_out_every_round_and_class(dataset, tmp_path, how):
-  data = common.search_data(_config(dataset), str(tmp_path), **how)
+  data = search_data.load(_config(dataset), str(tmp_path), **how)
   per_class = ROUNDS * PER_ROUND // CLASSES  # 15
   expected_val = CLASSES * (3 if 'per_class' in how else per_class // 2)
   assert data.val.num_examples == expected_val
@@ -67,12 +68,12 @@ def test_search_data_holds_out_every_round_and_class(dataset, tmp_path, how):
     assert len(set(np.bincount(classes, minlength=CLASSES))) == 1, classes  # balanced
   assert data.info['search_val_split']['rows'] == list(data.val.rows)
   assert data.info['search_val_split']['class_feature'] == 'target_label'
-  other = common.search_data(_config(dataset, seed=1), str(tmp_path), **how)
+  other = search_data.load(_config(dataset, seed=1), str(tmp_path), **how)
   assert other.val.rows != data.val.rows
 
 
 def test_subset_sources_read_exactly_their_rows(dataset, tmp_path):
-  data = common.search_data(_config(dataset), str(tmp_path), per_class=2)
+  data = search_data.load(_config(dataset), str(tmp_path), per_class=2)
   labels = _column(data.val, 'label')
   batches = list(ip.eval_batches(data.val, 8, 8, 'none'))
   seen = np.concatenate([b['label'].ravel()[b['mask'].ravel() > 0] for b in batches])
@@ -89,9 +90,9 @@ def test_subset_sources_read_exactly_their_rows(dataset, tmp_path):
 def test_explicit_splits_are_used_as_given(dataset, tmp_path):
   config = _config(dataset)
   config.train_split, config.val_split = 'train[:40]', 'train[40:]'
-  data = common.search_data(config, str(tmp_path), per_class=3)
+  data = search_data.load(config, str(tmp_path), per_class=3)
   assert (data.train.num_examples, data.val.num_examples) == (40, 20)
   assert data.info['search_val_split'] == 'train[40:]'
   config.val_split = ''
   with pytest.raises(ValueError, match='Set both train_split and val_split'):
-    common.search_data(config, str(tmp_path), per_class=3)
+    search_data.load(config, str(tmp_path), per_class=3)

@@ -1,5 +1,6 @@
-"""tests/conftest.py's skip policy: a skipped test says why, and under DFNAS_TEST_NO_SKIPS=1
-(.ci/run) a missing data copy stops the run up front and any skip fails it."""
+"""tests/conftest.py's policies: a skipped test says why, and under DFNAS_TEST_NO_SKIPS=1
+(.ci/run) a missing data copy stops the run up front and any skip fails it; a test that
+reads real data is in the slow tier."""
 import os
 import pathlib
 
@@ -17,9 +18,9 @@ def test_needs_what_is_absent():
 """
 
 
-def _run(pytester, monkeypatch, tmp_path, *args, no_skips, with_data=True):
+def _run(pytester, monkeypatch, tmp_path, *args, no_skips, with_data=True, sample=SAMPLE):
   pytester.makeconftest(CONFTEST.read_text())
-  pytester.makepyfile(test_sample=SAMPLE)
+  pytester.makepyfile(test_sample=sample)
   data_dir = tmp_path / 'tfds'
   if with_data:
     (data_dir / 'cifar10_jpeg').mkdir(parents=True)
@@ -58,3 +59,32 @@ def test_no_skips_stops_before_any_test_when_the_data_is_missing(pytester, monke
   assert result.ret == pytest.ExitCode.USAGE_ERROR
   result.stderr.fnmatch_lines(['*DFNAS_TEST_NO_SKIPS=1*offline cifar10_jpeg not found under*tfds*'])
   assert 'passed' not in result.stdout.str()
+
+
+TIERS = """
+import pytest
+
+def test_fast():
+  pass
+
+def test_reads_real_data(data_dir):
+  pass
+
+def test_through_a_fixture_that_reads_real_data(nb201_table_path):
+  pass
+
+@pytest.mark.slow
+def test_marked_slow():
+  pass
+"""
+
+
+@pytest.mark.parametrize('marks, outcomes', [
+    ('not slow', dict(passed=1, deselected=3)),
+    ('slow', dict(passed=3, deselected=1)),
+    ('slow or not slow', dict(passed=4)),
+])
+def test_real_data_tests_are_in_the_slow_tier(pytester, monkeypatch, tmp_path, marks,
+                                              outcomes):
+  result = _run(pytester, monkeypatch, tmp_path, '-m', marks, no_skips=False, sample=TIERS)
+  result.assert_outcomes(**outcomes)

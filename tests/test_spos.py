@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import spos as spos_config
 from dfnas_jax import models, teachers
+from dfnas_jax.configs import spos as spos_config
 from dfnas_jax.models import layers, spos
-from dfnas_jax.nas import common as nas_common
-from dfnas_jax.nas import evolution
+from dfnas_jax.nas import evolution, subnets
 from dfnas_jax.nas import spos as spos_stage
 from dfnas_jax.train import state as state_lib
 from tests import model_counts, notebooks
@@ -154,6 +153,7 @@ def test_flops_uniform_bins_are_exact_and_empty_ones_are_never_drawn():
   assert np.abs(shares[counts > 0] - 1 / np.count_nonzero(counts)).max() < 0.01
 
 
+@pytest.mark.slow  # compiles a whole supernet training step
 def test_supernet_step_compiles_once_and_leaves_unused_choices_untouched(quick_compiles):
   step, state, traces, _ = counting_path_step('spos_tiny', 32)
   initial = jax.device_get(state)
@@ -178,6 +178,7 @@ def test_supernet_step_compiles_once_and_leaves_unused_choices_untouched(quick_c
                             leaf(after_b.params, 'fc', 'kernel'))
 
 
+@pytest.mark.slow  # compiles a whole supernet evaluation step
 def test_candidate_scores_recalibrate_bn_and_do_not_recompile(quick_compiles):
   model = models.build_model('spos_tiny', 10)
   variables = state_lib.init_variables(model, jax.random.PRNGKey(0), 32)
@@ -186,7 +187,7 @@ def test_candidate_scores_recalibrate_bn_and_do_not_recompile(quick_compiles):
   calibration = [{'image': images, 'label': np.zeros((1, 8), np.int32)}]
   held_out = [{'image': images, 'label': np.arange(8, dtype=np.int32)[None] % 10,
                'mask': np.ones((1, 8), np.float32)}]
-  evaluator = nas_common.SubnetEvaluator(model, variables, calibration, held_out)
+  evaluator = subnets.SubnetEvaluator(model, variables, calibration, held_out)
   scores = [evaluator((0, 1, 2, 3))]
   compiles = []
   jax.monitoring.register_event_duration_secs_listener(

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import synthesize as synthesize_config
 from dfnas_jax import teachers
 from dfnas_jax import workdir as wd
+from dfnas_jax.configs import synthesize as synthesize_config
 from dfnas_jax.synthesis import inversion, losses, synthesize
 from dfnas_jax.synthesis.writer import ShardWriter
 from dfnas_jax.train import state as state_lib
+from tests import inversion_settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +35,7 @@ def make_teacher(directory, corrupt=False):
 @pytest.fixture(scope='module')
 def teacher_dir(tmp_path_factory, data_dir):
   """A tiny ResNet trained for a few steps on real images: real BN statistics."""
-  from configs import teacher as teacher_config
+  from dfnas_jax.configs import teacher as teacher_config
   from dfnas_jax.train import teacher as teacher_stage
   config = teacher_config.get_config('smoke')
   config.architecture, config.image_size = 'cifar_resnet8', 16
@@ -61,7 +62,7 @@ def read_dataset(directory):
 
 def test_inversion_loss_falls(teacher_dir):
   module, variables, _ = teachers.load(teacher_dir)
-  settings = inversion.Settings(canvas=20, window=16, warmup_steps=2, lr=0.25)
+  settings = inversion_settings.settings(canvas=20, window=16, warmup_steps=2, lr=0.25)
   n = jax.local_device_count()
   targets = np.eye(10, dtype=np.float32)[np.arange(8) % 10].reshape(n, -1, 10)
   keys = inversion.image_keys(0, 0, np.arange(8)).reshape(n, -1, 2)
@@ -86,7 +87,7 @@ def test_inversion_loss_falls(teacher_dir):
 
 def test_gradient_is_zero_outside_the_window(teacher_dir, quick_compiles):
   module, variables, _ = teachers.load(teacher_dir)
-  settings = inversion.Settings(canvas=24, window=16, flip=True)
+  settings = inversion_settings.settings(canvas=24, window=16, flip=True)
   inverter = inversion.Inverter(module.apply, variables, module.mean, module.std, settings,
                                 stages=[(1, 1)])
   canvas = jax.random.normal(jax.random.PRNGKey(1), (2, 24, 24, 3))
@@ -234,7 +235,7 @@ def test_two_devices_equal_one_device(teacher_dir, tmp_path):
   """
   script = textwrap.dedent(f'''
       import sys, jax, numpy as np, tensorflow_datasets as tfds
-      from configs import synthesize as cfg
+      from dfnas_jax.configs import synthesize as cfg
       from dfnas_jax.synthesis import synthesize
       config = cfg.get_config('smoke')
       config.teacher = {teacher_dir!r}
@@ -265,6 +266,7 @@ def test_two_devices_equal_one_device(teacher_dir, tmp_path):
 _LOSS_BATCH_SCRIPT = '''
 import json, sys
 import flax.linen as nn, jax, numpy as np
+from dfnas_jax.configs import synthesize
 from dfnas_jax.synthesis import inversion
 
 class Teacher(nn.Module):  # two conv + BN layers: compiles in seconds
@@ -284,8 +286,9 @@ targets = np.eye(10, dtype=np.float32)[np.arange(8)].reshape(n, -1, 10)
 keys = inversion.image_keys(0, 0, np.arange(8)).reshape(n, -1, 2)
 out = {}
 for loss_batch in inversion.LOSS_BATCHES:
-  settings = inversion.Settings(canvas=12, window=8, warmup_steps=0, lr=0.1,
-                                loss_batch=loss_batch)
+  config = synthesize.get_config()
+  config.update(canvas=12, window=8, warmup_steps=0, lr=0.1, loss_batch=loss_batch)
+  settings = inversion.settings_from_config(config)
   inverter = inversion.Inverter(module.apply, {'params': params, 'batch_stats': stats},
                                 (0.5,) * 3, (0.25,) * 3, settings, [(1, 2)], chunk_steps=1)
   canvas = inverter.init_canvas_fn(keys)
@@ -300,6 +303,7 @@ json.dump(out, open(sys.argv[1], 'w'))
 '''
 
 
+@pytest.mark.slow  # a second process with two devices
 def test_global_loss_batch_does_not_depend_on_the_device_count(tmp_path):
   """One batch of 8 on 1 device or as 2 shards of 4: 'global' takes the same steps."""
   runs = []
@@ -333,7 +337,7 @@ def test_global_loss_batch_does_not_depend_on_the_device_count(tmp_path):
 @pytest.mark.parametrize('soft_labels', ['teacher', 'stored'])
 def test_student_distils_from_synthetic_data(
     teacher_dir, data_dir, tmp_path, soft_labels, quick_compiles):
-  from configs import retrain as retrain_config
+  from dfnas_jax.configs import retrain as retrain_config
   from dfnas_jax.train import retrain
   # Stored logits label whole images only: canvases (regional update) need the teacher.
   synthetic = synthesize.run(smoke_config(teacher_dir, regional_update=soft_labels == 'teacher'),
@@ -355,7 +359,7 @@ def test_student_distils_from_synthetic_data(
 
 
 def test_distillation_without_soft_labels_is_a_clear_error(data_dir, tmp_path):
-  from configs import retrain as retrain_config
+  from dfnas_jax.configs import retrain as retrain_config
   from dfnas_jax.train import retrain
   config = retrain_config.get_config('smoke')
   config.dataset, config.data_dir, config.download = 'cifar10_jpeg', data_dir, False

@@ -6,7 +6,8 @@ import pytest
 from dfnas_jax import models, teachers
 from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
-from dfnas_jax.train import state as state_lib, trainer
+from dfnas_jax.train import state as state_lib
+from dfnas_jax.train import trainer
 from tests import model_counts
 
 

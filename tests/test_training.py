@@ -13,7 +13,8 @@ import pytest
 from dfnas_jax import models, teachers
 from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
-from dfnas_jax.train import state as state_lib, steps, trainer
+from dfnas_jax.train import state as state_lib
+from dfnas_jax.train import steps, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -166,9 +167,11 @@ def test_teacher_stage_averages_weights_and_recomputes_batchnorm(train_config, t
     conv1_means.append(np.mean(inter['intermediates']['conv1']['__call__'][0], axis=(0, 1, 2)))
   np.testing.assert_allclose(averaged['batch_stats']['bn1']['mean'], np.mean(conv1_means, 0),
                              atol=1e-5)
-  assert not np.allclose(averaged['batch_stats']['bn1']['mean'], other['batch_stats']['bn1']['mean'])
+  assert not np.allclose(averaged['batch_stats']['bn1']['mean'],
+                         other['batch_stats']['bn1']['mean'])
 
 
+@pytest.mark.slow  # a second process with two devices
 def test_two_devices_match_one_device():
   """pmean-ed gradients and cross-replica BatchNorm: 2 devices x 8 == 1 device x 16."""
   script = textwrap.dedent('''

@@ -55,7 +55,7 @@ from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.data import nasbench201
 from dfnas_jax.models import darts as darts_lib
 from dfnas_jax.models import nb201
-from dfnas_jax.nas import common, spos
+from dfnas_jax.nas import search_data, spos
 from dfnas_jax.synthesis import synthesize
 from dfnas_jax.train import retrain
 
@@ -201,7 +201,7 @@ class Study:
   def data(self, variant: str) -> str:
     """The synthetic dataset directory of `variant` (synthesized once)."""
     if variant not in self._data:
-      sc = common.synthesis_config(self.config)
+      sc = search_data.synthesis_config(self.config)
       sc.update(VARIANTS[variant])
       summary = synthesize.load_or_run(sc, os.path.join(self.workdir, 'data', variant))
       self._data[variant] = summary['dataset_dir']
@@ -239,12 +239,12 @@ class Study:
     c = self.config
     if self._real is None:
       whole = ip.get_source(c.real_dataset, c.real_train_split, c.real_data_dir, c.download)
-      self._real = whole, ip.read_column(whole, common.class_feature(whole))
+      self._real = whole, ip.read_column(whole, search_data.class_feature(whole))
     whole, labels = self._real
     rows = np.arange(len(labels))
     if variant == 'real_same_count':
       count = c.synthesis.images_per_round * c.synthesis.num_rounds
-      rows = np.sort(common.class_balanced_rows(labels, c.seed, per_class=max(
+      rows = np.sort(search_data.class_balanced_rows(labels, c.seed, per_class=max(
           1, count // whole.num_classes))[1])
     return whole, labels, rows
 
@@ -260,10 +260,10 @@ class Study:
       whole, labels, rows = self.real_rows(variant)
     else:
       whole = ip.get_source(self.data(variant), 'train')
-      labels = ip.read_column(whole, common.class_feature(whole))
+      labels = ip.read_column(whole, search_data.class_feature(whole))
       rows = np.arange(len(labels))
-    train_rows, val_rows = common.class_balanced_rows(labels[rows], self.config.seed,
-                                                      per_class=self.config.val_per_class)
+    train_rows, val_rows = search_data.class_balanced_rows(labels[rows], self.config.seed,
+                                                           per_class=self.config.val_per_class)
     return ip.subset(whole, rows[train_rows]), ip.subset(whole, rows[val_rows])
 
   def one_shot(self, variant: str, archs: List[spos.Arch]) -> Dict[str, List[float]]:
@@ -316,11 +316,12 @@ def check_config(config) -> None:
   retrain.check_soft_labels(config)
   stored = config.soft_labels == 'stored'
   if config.one_shot:
-    common.check_synthesis(common.synthesis_config(config), stored, config.supernet.augment,
-                           config.supernet.image_size, per_class=config.val_per_class)
+    search_data.check_synthesis(search_data.synthesis_config(config), stored,
+                                config.supernet.augment, config.supernet.image_size,
+                                per_class=config.val_per_class)
   if config.stand_alone:
-    common.check_synthesis(common.synthesis_config(config), stored, config.synthetic_augment,
-                           config.train.image_size)
+    search_data.check_synthesis(search_data.synthesis_config(config), stored,
+                                config.synthetic_augment, config.train.image_size)
   variant_names(config)
 
 
@@ -416,7 +417,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
       'eval_data': f'{config.eval_dataset} {config.eval_split}' if config.stand_alone else None,
       'real_train_data': f'{config.real_dataset} {config.real_train_split}',
       'stand_alone_architectures': num_trained if config.stand_alone else 0,
-      'train_steps': config.train.num_train_steps, 'supernet_steps': config.supernet.num_train_steps,
+      'train_steps': config.train.num_train_steps,
+      'supernet_steps': config.supernet.num_train_steps,
       'wall_time_s': round(time.time() - start, 1),
   }
   if table is not None:

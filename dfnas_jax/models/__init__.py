@@ -28,9 +28,12 @@ ARCHITECTURES: Dict[str, Callable[..., Any]] = {
     'cifar_resnet20': partial(resnet.ResNet, stage_sizes=(3, 3, 3), **_CIFAR),
     'cifar_resnet32': partial(resnet.ResNet, stage_sizes=(5, 5, 5), **_CIFAR),
     'cifar_resnet56': partial(resnet.ResNet, stage_sizes=(9, 9, 9), **_CIFAR),
-    'resnet18': partial(resnet.ResNet, block=resnet.BasicBlock, stage_sizes=(2, 2, 2, 2), **_IMAGENET),
-    'resnet34': partial(resnet.ResNet, block=resnet.BasicBlock, stage_sizes=(3, 4, 6, 3), **_IMAGENET),
-    'resnet50': partial(resnet.ResNet, block=resnet.Bottleneck, stage_sizes=(3, 4, 6, 3), **_IMAGENET),
+    'resnet18': partial(resnet.ResNet, block=resnet.BasicBlock, stage_sizes=(2, 2, 2, 2),
+                        **_IMAGENET),
+    'resnet34': partial(resnet.ResNet, block=resnet.BasicBlock, stage_sizes=(3, 4, 6, 3),
+                        **_IMAGENET),
+    'resnet50': partial(resnet.ResNet, block=resnet.Bottleneck, stage_sizes=(3, 4, 6, 3),
+                        **_IMAGENET),
 }
 
 

@@ -290,21 +290,9 @@ def cell_plan(init_channels: int, layers: int):
     reduction_prev = reduction
 
 
-def _stem(net: nn.Module, images, train: bool, affine: bool):
-  """Normalize, 3x3 convolution to stem_multiplier * init_channels, BN."""
-  x = layers.normalize(images, net.mean, net.std, net.dtype)
-  x = nn.Conv(net.stem_multiplier * net.init_channels, (3, 3), padding=((1, 1), (1, 1)),
-              use_bias=False, kernel_init=conv_init, dtype=net.dtype, name='stem_conv')(x)
-  return batch_norm(train, affine, net.axis_name, net.dtype, name='stem_bn')(x)
-
-
-def _classify(net: nn.Module, x):
-  x = jnp.mean(x, axis=(1, 2))
-  return nn.Dense(net.num_classes, dtype=net.dtype, name='classifier')(x).astype(jnp.float32)
-
-
-class DARTSSearchNet(nn.Module):
-  """The over-parameterized network; `alphas` = {'normal', 'reduce'} logits [NUM_EDGES, 8]."""
+class CellNetwork(nn.Module):
+  """What the search network and a genotype's network share: a stem of
+  stem_multiplier * init_channels, `layers` cells (`cell_plan`), a linear classifier."""
   num_classes: int
   init_channels: int = 16
   layers: int = 8
@@ -314,17 +302,32 @@ class DARTSSearchNet(nn.Module):
   axis_name: Optional[str] = 'batch'
   dtype: Any = jnp.float32
 
+  def stem(self, images, train: bool):
+    """Normalize, 3x3 convolution, BN."""
+    x = layers.normalize(images, self.mean, self.std, self.dtype)
+    x = nn.Conv(self.stem_multiplier * self.init_channels, (3, 3), padding=((1, 1), (1, 1)),
+                use_bias=False, kernel_init=conv_init, dtype=self.dtype, name='stem_conv')(x)
+    return batch_norm(train, True, self.axis_name, self.dtype, name='stem_bn')(x)
+
+  def classify(self, x):
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x).astype(jnp.float32)
+
+
+class DARTSSearchNet(CellNetwork):
+  """The over-parameterized network; `alphas` = {'normal', 'reduce'} logits [NUM_EDGES, 8]."""
+
   @nn.compact
   def __call__(self, images, alphas=None, train: bool = False):
     if alphas is None:
       alphas = initial_alphas(None)
     weights = {t: jax.nn.softmax(alphas[t].astype(jnp.float32), axis=-1) for t in CELL_TYPES}
-    s0 = s1 = _stem(self, images, train, affine=True)
+    s0 = s1 = self.stem(images, train)
     for i, channels, reduction, reduction_prev in cell_plan(self.init_channels, self.layers):
       cell = SearchCell(channels, 1, False, self.axis_name, self.dtype, reduction=reduction,
                         reduction_prev=reduction_prev, name=f'cell{i}')
       s0, s1 = s1, cell(s0, s1, weights['reduce' if reduction else 'normal'], train)
-    return _classify(self, s1)
+    return self.classify(s1)
 
 
 class AuxiliaryHead(nn.Module):
@@ -349,24 +352,18 @@ class AuxiliaryHead(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x).astype(jnp.float32)
 
 
-class DARTSNet(nn.Module):
-  """The stand-alone network of a genotype. With `auxiliary`, training sows
-  `intermediates/aux_logits` from a head after the second reduction cell."""
+class DARTSNet(CellNetwork, kw_only=True):
+  """The stand-alone network of a genotype (keyword arguments only). With `auxiliary`,
+  training sows `intermediates/aux_logits` from a head after the second reduction cell."""
   genotype: Genotype
-  num_classes: int
   init_channels: int = 36
   layers: int = 20
   auxiliary: bool = False
   drop_path: float = 0.0
-  stem_multiplier: int = 3
-  mean: Tuple[float, ...] = CIFAR10_MEAN
-  std: Tuple[float, ...] = CIFAR10_STD
-  axis_name: Optional[str] = 'batch'
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    s0 = s1 = _stem(self, images, train, affine=True)
+    s0 = s1 = self.stem(images, train)
     for i, channels, reduction, reduction_prev in cell_plan(self.init_channels, self.layers):
       cell = GenotypeCell(channels, 1, True, self.axis_name, self.dtype, reduction=reduction,
                           reduction_prev=reduction_prev, genotype=self.genotype,
@@ -377,7 +374,7 @@ class DARTSNet(nn.Module):
         aux = AuxiliaryHead(self.num_classes, self.axis_name, self.dtype, name='aux_head')(
             s1, train)
         self.sow('intermediates', 'aux_logits', aux)
-    return _classify(self, s1)
+    return self.classify(s1)
 
 
 # --- Architecture parameters and genotypes ------------------------------------------------

@@ -1,4 +1,4 @@
-"""Building blocks shared by the search spaces: initializer, depthwise convolution, choice layers."""
+"""Blocks shared by the search spaces: initializer, depthwise convolution, choice layers."""
 import functools
 import re
 from typing import Any, Callable, Optional, Sequence, Tuple

@@ -28,9 +28,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from dfnas_jax.models.layers import (DepthwiseConv, LayerwiseNet, PointwiseConv, batch_norm,
-                                     conv_init, digits_name, normalize, out_side,
-                                     parse_digits_name, run_choice)
+from dfnas_jax.models import layers
 from dfnas_jax.models.resnet import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 
 KERNELS = (3, 5, 7)
@@ -72,12 +70,12 @@ class SearchSpace:
     return sum(self.stage_cells)
 
   def layers(self) -> Iterator[Layer]:
-    channels, side = self.first_width, out_side(self.image_size, self.stem_stride)
+    channels, side = self.first_width, layers.out_side(self.image_size, self.stem_stride)
     for cells, width, stride in zip(self.stage_cells, self.stage_widths, self.stage_strides):
       for i in range(cells):
         s = stride if i == 0 else 1
         yield Layer(channels, width, s, side)
-        channels, side = width, out_side(side, s)
+        channels, side = width, layers.out_side(side, s)
 
   def allowed(self) -> np.ndarray:
     """[num_layers, NUM_CANDIDATES] bool: which candidates each layer may choose."""
@@ -112,17 +110,25 @@ SPACES = {
 
 
 def architecture_name(space: str, choices: Sequence[int]) -> str:
-  return digits_name(space, SPACES[space].check(choices))
+  return layers.digits_name(space, SPACES[space].check(choices))
 
 
 def parse_name(name: str) -> Tuple[str, Optional[Tuple[int, ...]]]:
   """'proxyless_cifar' -> (space, None); 'proxyless_cifar:0361...' -> (space, choices)."""
-  return parse_digits_name(name, SPACES, 'ProxylessNAS')
+  return layers.parse_digits_name(name, SPACES, 'ProxylessNAS')
 
 
-def _norm(train: bool, bn_momentum: float, axis_name: Optional[str], dtype, bn_epsilon: float,
-          **kwargs):
-  return batch_norm(train, bn_momentum, axis_name, dtype, epsilon=bn_epsilon)(**kwargs)
+@dataclasses.dataclass(frozen=True)
+class BlockSettings:
+  """What every block of a ProxylessNet shares: its BatchNorm and activation dtype."""
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  axis_name: Optional[str] = 'batch'
+  dtype: Any = jnp.float32
+
+  def norm(self, train: bool, name: str) -> nn.Module:
+    return layers.batch_norm(train, self.bn_momentum, self.axis_name, self.dtype,
+                             epsilon=self.bn_epsilon)(name=name)
 
 
 class MBConv(nn.Module):
@@ -134,22 +140,19 @@ class MBConv(nn.Module):
   kernel: int
   expansion: int
   stride: int
-  bn_momentum: float = 0.9
-  axis_name: Optional[str] = 'batch'
-  dtype: Any = jnp.float32
-  bn_epsilon: float = 1e-5
+  settings: BlockSettings = BlockSettings()
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    norm = partial(_norm, train, self.bn_momentum, self.axis_name, self.dtype, self.bn_epsilon)
-    conv1x1 = partial(PointwiseConv, dtype=self.dtype)
+    s = self.settings
+    conv1x1 = partial(layers.PointwiseConv, dtype=s.dtype)
     y = x
     if self.expansion != 1:
-      y = nn.relu6(norm(name='expand_bn')(conv1x1(x.shape[-1] * self.expansion,
-                                                  name='expand')(y)))
-    y = DepthwiseConv(self.kernel, self.stride, self.dtype, name='depthwise')(y)
-    y = nn.relu6(norm(name='depthwise_bn')(y))
-    return norm(name='project_bn')(conv1x1(self.out_channels, name='project')(y))
+      y = nn.relu6(s.norm(train, 'expand_bn')(conv1x1(x.shape[-1] * self.expansion,
+                                                      name='expand')(y)))
+    y = layers.DepthwiseConv(self.kernel, self.stride, s.dtype, name='depthwise')(y)
+    y = nn.relu6(s.norm(train, 'depthwise_bn')(y))
+    return s.norm(train, 'project_bn')(conv1x1(self.out_channels, name='project')(y))
 
 
 class MixedLayer(nn.Module):
@@ -166,40 +169,35 @@ class MixedLayer(nn.Module):
 
   def _candidate(self, c: int, x, train: bool):
     if c == ZERO:
-      side = out_side(x.shape[1], self.layer.stride)
+      side = layers.out_side(x.shape[1], self.layer.stride)
       return jnp.zeros((x.shape[0], side, side, self.layer.out_channels), x.dtype)
     return self.choices[c](x, train)
 
   def __call__(self, x, choice=None, gates=None, paths=None, train: bool = False):
     if gates is None:  # one path
       branches = [lambda mdl, y, c=c: mdl._candidate(c, y, train) for c in range(NUM_CANDIDATES)]
-      y = run_choice(self, choice, branches, x)
+      y = layers.run_choice(self, choice, branches, x)
     elif paths is None:  # gates over every candidate
       y = sum(g * self._candidate(c, x, train) for c, g in enumerate(gates))
     else:  # gates over the sampled candidates `paths`
       branches = [lambda mdl, y, c=c: mdl._candidate(c, y, train) for c in range(NUM_CANDIDATES)]
-      y = sum(g * run_choice(self, p, branches, x) for g, p in zip(gates, paths))
+      y = sum(g * layers.run_choice(self, p, branches, x) for g, p in zip(gates, paths))
     return x + y if self.layer.residual else y
 
 
 class Stem(nn.Module):
   """Normalization, 3x3 convolution, and the fixed first MBConv (expansion 1)."""
   space: SearchSpace
-  bn_momentum: float = 0.9
-  axis_name: Optional[str] = 'batch'
-  dtype: Any = jnp.float32
-  bn_epsilon: float = 1e-5
+  settings: BlockSettings = BlockSettings()
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    x = normalize(images, self.space.mean, self.space.std, self.dtype)
-    s = self.space.stem_stride
-    x = nn.Conv(self.space.stem_width, (3, 3), (s, s), padding=((1, 1), (1, 1)), use_bias=False,
-                kernel_init=conv_init, dtype=self.dtype, name='conv')(x)
-    x = nn.relu6(_norm(train, self.bn_momentum, self.axis_name, self.dtype, self.bn_epsilon,
-                       name='bn')(x))
-    return MBConv(self.space.first_width, 3, 1, 1, self.bn_momentum, self.axis_name, self.dtype,
-                  self.bn_epsilon, name='first_block')(x, train)
+    dtype, stride = self.settings.dtype, self.space.stem_stride
+    x = layers.normalize(images, self.space.mean, self.space.std, dtype)
+    x = nn.Conv(self.space.stem_width, (3, 3), (stride, stride), padding=((1, 1), (1, 1)),
+                use_bias=False, kernel_init=layers.conv_init, dtype=dtype, name='conv')(x)
+    x = nn.relu6(self.settings.norm(train, 'bn')(x))
+    return MBConv(self.space.first_width, 3, 1, 1, self.settings, name='first_block')(x, train)
 
 
 class Head(nn.Module):
@@ -207,35 +205,31 @@ class Head(nn.Module):
   last_width: int
   num_classes: int
   dropout: float = 0.0
-  bn_momentum: float = 0.9
-  axis_name: Optional[str] = 'batch'
-  dtype: Any = jnp.float32
-  bn_epsilon: float = 1e-5
+  settings: BlockSettings = BlockSettings()
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.Conv(self.last_width, (1, 1), use_bias=False, kernel_init=conv_init,
-                dtype=self.dtype, name='feature_mix')(x)
-    x = nn.relu6(_norm(train, self.bn_momentum, self.axis_name, self.dtype, self.bn_epsilon,
-                       name='feature_mix_bn')(x))
+    dtype = self.settings.dtype
+    x = nn.Conv(self.last_width, (1, 1), use_bias=False, kernel_init=layers.conv_init,
+                dtype=dtype, name='feature_mix')(x)
+    x = nn.relu6(self.settings.norm(train, 'feature_mix_bn')(x))
     x = nn.Dropout(self.dropout, deterministic=not train)(jnp.mean(x, axis=(1, 2)))
-    return nn.Dense(self.num_classes, dtype=self.dtype, name='classifier')(x).astype(jnp.float32)
+    return nn.Dense(self.num_classes, dtype=dtype, name='classifier')(x).astype(jnp.float32)
 
 
-class ProxylessNet(LayerwiseNet):
+class ProxylessNet(layers.LayerwiseNet):
   """Supernet (`choices=None`) or one stand-alone architecture of `space`."""
   bn_epsilon: float = 1e-5  # the reference's is 1e-3
 
   @nn.compact
   def __call__(self, images, architecture=None, gates=None, paths=None, train: bool = False):
     """Supernet: one of `architecture` [L] int, or `gates` [L, K] (with `paths` [L, K])."""
-    shared = dict(bn_momentum=self.bn_momentum, axis_name=self.axis_name, dtype=self.dtype,
-                  bn_epsilon=self.bn_epsilon)
-    block = partial(MBConv, **shared)
+    settings = BlockSettings(self.bn_momentum, self.bn_epsilon, self.axis_name, self.dtype)
+    block = partial(MBConv, settings=settings)
     supernet = self.choices is None
     if supernet and architecture is None and gates is None:
       architecture = jnp.zeros((self.space.num_layers,), jnp.int32)
-    x = Stem(self.space, name='stem', **shared)(images, train)
+    x = Stem(self.space, settings, name='stem')(images, train)
     for i, layer in enumerate(self.space.layers()):
       if supernet:
         mixed = MixedLayer(layer, block, name=f'layer{i}')
@@ -247,8 +241,8 @@ class ProxylessNet(LayerwiseNet):
         k, e = MBCONVS[self.choices[i]]
         y = block(layer.out_channels, k, e, layer.stride, name=f'layer{i}')(x, train)
         x = x + y if layer.residual else y
-    return Head(self.space.last_width, self.num_classes, self.dropout, name='head',
-                **shared)(x, train)
+    return Head(self.space.last_width, self.num_classes, self.dropout, settings,
+                name='head')(x, train)
 
 
 # --- Analytic cost -------------------------------------------------------------------
@@ -256,7 +250,7 @@ class ProxylessNet(LayerwiseNet):
 def mbconv_cost(in_channels: int, out_channels: int, kernel: int, expansion: int, stride: int,
                 side: int) -> Tuple[int, int]:
   """(multiply-adds, parameters) of one MBConv block (BatchNorm affine included)."""
-  mid, side_out = in_channels * expansion, out_side(side, stride)
+  mid, side_out = in_channels * expansion, layers.out_side(side, stride)
   macs = params = 0
   if expansion != 1:
     macs += in_channels * mid * side ** 2
@@ -280,12 +274,12 @@ def candidate_costs(space: SearchSpace) -> np.ndarray:
 
 def fixed_cost(space: SearchSpace, num_classes: int) -> Tuple[int, int]:
   """(multiply-adds, parameters) of the layers every architecture has."""
-  side = out_side(space.image_size, space.stem_stride)
+  side = layers.out_side(space.image_size, space.stem_stride)
   macs = 3 * space.stem_width * 9 * side ** 2
   params = 3 * space.stem_width * 9 + 2 * space.stem_width
   m, p = mbconv_cost(space.stem_width, space.first_width, 3, 1, 1, side)
   last = list(space.layers())[-1]
-  last_side = out_side(last.side, last.stride)
+  last_side = layers.out_side(last.side, last.stride)
   m2 = last.out_channels * space.last_width * last_side ** 2 + space.last_width * num_classes
   p2 = (last.out_channels * space.last_width + 2 * space.last_width
         + space.last_width * num_classes + num_classes)

@@ -17,9 +17,7 @@ from typing import Any, Iterator, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dfnas_jax.models.layers import (DepthwiseConv, LayerwiseNet, PointwiseConv, batch_norm,
-                                     conv_init, digits_name, normalize, out_side,
-                                     parse_digits_name, run_choice)
+from dfnas_jax.models import layers
 from dfnas_jax.models.resnet import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 
 CHOICES = ('shufflenet_3x3', 'shufflenet_5x5', 'shufflenet_7x7', 'xception')
@@ -45,12 +43,12 @@ class SearchSpace:
 
   def layers(self) -> Iterator[Tuple[int, int, int, int]]:
     """(in_channels, out_channels, stride, input side) of each choice layer."""
-    channels, side = self.stem_width, out_side(self.image_size, self.stem_stride)
+    channels, side = self.stem_width, layers.out_side(self.image_size, self.stem_stride)
     for repeats, width, stride in zip(self.stage_repeats, self.stage_widths, self.stage_strides):
       for i in range(repeats):
         s = stride if i == 0 else 1
         yield channels, width, s, side
-        channels, side = width, out_side(side, s)
+        channels, side = width, layers.out_side(side, s)
 
   def check(self, choices: Sequence[int]) -> Tuple[int, ...]:
     choices = tuple(int(c) for c in choices)
@@ -74,12 +72,12 @@ SPACES = {
 
 
 def architecture_name(space: str, choices: Sequence[int]) -> str:
-  return digits_name(space, SPACES[space].check(choices))
+  return layers.digits_name(space, SPACES[space].check(choices))
 
 
 def parse_name(name: str) -> Tuple[str, Optional[Tuple[int, ...]]]:
   """'spos_cifar' -> ('spos_cifar', None); 'spos_cifar:0123...' -> (space, choices)."""
-  return parse_digits_name(name, SPACES, 'SPOS')
+  return layers.parse_digits_name(name, SPACES, 'SPOS')
 
 
 class ChoiceBlock(nn.Module):
@@ -100,15 +98,16 @@ class ChoiceBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    norm = batch_norm(train, self.bn_momentum, self.axis_name, self.dtype, affine=self.affine)
+    norm = layers.batch_norm(train, self.bn_momentum, self.axis_name, self.dtype,
+                             affine=self.affine)
     count = iter(range(100))
 
     def conv(y, features, kernel=1, stride=1, depthwise=False, relu=True):
       i = next(count)
       if depthwise:
-        y = DepthwiseConv(kernel, stride, self.dtype, name=f'conv{i}')(y)
+        y = layers.DepthwiseConv(kernel, stride, self.dtype, name=f'conv{i}')(y)
       else:
-        y = PointwiseConv(features, self.dtype, name=f'conv{i}')(y)
+        y = layers.PointwiseConv(features, self.dtype, name=f'conv{i}')(y)
       y = norm(name=f'bn{i}')(y)
       return nn.relu(y) if relu else y
 
@@ -149,10 +148,10 @@ class ChoiceLayer(nn.Module):
 
   def __call__(self, x, choice, train: bool = False):
     branches = [lambda mdl, y, c=c: mdl.choices[c](y, train) for c in range(NUM_CHOICES)]
-    return run_choice(self, choice, branches, x)
+    return layers.run_choice(self, choice, branches, x)
 
 
-class SPOSNet(LayerwiseNet):
+class SPOSNet(layers.LayerwiseNet):
   """Supernet (`choices=None`, architecture passed to `__call__`) or one architecture.
 
   As in the reference, the supernet's BatchNorms have no affine parameters (their
@@ -164,22 +163,23 @@ class SPOSNet(LayerwiseNet):
   @nn.compact
   def __call__(self, images, architecture=None, train: bool = False):
     supernet = self.choices is None
-    norm = batch_norm(train, self.bn_momentum, self.axis_name, self.dtype, affine=not supernet)
+    norm = layers.batch_norm(train, self.bn_momentum, self.axis_name, self.dtype,
+                             affine=not supernet)
     block = partial(ChoiceBlock, affine=not supernet, bn_momentum=self.bn_momentum,
                     axis_name=self.axis_name, dtype=self.dtype)
     if supernet and architecture is None:
       architecture = jnp.zeros((self.space.num_layers,), jnp.int32)
-    x = normalize(images, self.mean, self.std, self.dtype)
+    x = layers.normalize(images, self.mean, self.std, self.dtype)
     s = self.space.stem_stride
     x = nn.Conv(self.space.stem_width, (3, 3), (s, s), padding=((1, 1), (1, 1)), use_bias=False,
-                kernel_init=conv_init, dtype=self.dtype, name='stem_conv')(x)
+                kernel_init=layers.conv_init, dtype=self.dtype, name='stem_conv')(x)
     x = nn.relu(norm(name='stem_bn')(x))
     for i, (_, out_channels, stride, _) in enumerate(self.space.layers()):
       if supernet:
         x = ChoiceLayer(out_channels, stride, block, name=f'layer{i}')(x, architecture[i], train)
       else:
         x = block(out_channels, stride, self.choices[i], name=f'layer{i}')(x, train)
-    x = nn.Conv(self.space.last_width, (1, 1), use_bias=False, kernel_init=conv_init,
+    x = nn.Conv(self.space.last_width, (1, 1), use_bias=False, kernel_init=layers.conv_init,
                 dtype=self.dtype, name='last_conv')(x)
     x = nn.relu(norm(name='last_bn')(x))
     x = jnp.mean(x, axis=(1, 2))
@@ -193,16 +193,16 @@ class SPOSNet(LayerwiseNet):
 def _block_cost(in_ch: int, out_ch: int, stride: int, side: int, choice: int,
                 affine: bool) -> Tuple[int, int]:
   """(multiply-adds, parameters) of one ChoiceBlock."""
-  side_out = out_side(side, stride)
+  side_out = layers.out_side(side, stride)
   macs = params = 0
   kernel = KERNELS[choice] if choice < len(KERNELS) else 3
 
   def conv(cin, cout, kernel, s, in_side, depthwise=False):
     nonlocal macs, params
     weights = (cin if depthwise else cin * cout) * kernel * kernel
-    macs += weights * out_side(in_side, s) ** 2
+    macs += weights * layers.out_side(in_side, s) ** 2
     params += weights + (2 * cout if affine else 0)
-    return out_side(in_side, s)
+    return layers.out_side(in_side, s)
 
   if stride == 1:
     proj_ch, main_in = in_ch - in_ch // 2, in_ch // 2  # x[..., 0::2], x[..., 1::2]
@@ -230,14 +230,14 @@ def cost(space: SearchSpace, choices: Sequence[int], num_classes: int,
   """(FLOPs, parameters) of one architecture; FLOPs count multiply-adds of the
   convolutions and the classifier, as the SPOS/ShuffleNet papers do."""
   choices = space.check(choices)
-  stem_side = out_side(space.image_size, space.stem_stride)
+  stem_side = layers.out_side(space.image_size, space.stem_stride)
   macs = 3 * space.stem_width * 9 * stem_side ** 2
   params = 3 * space.stem_width * 9 + (2 * space.stem_width if affine else 0)
   side = stem_side
   for (in_ch, out_ch, stride, side), choice in zip(space.layers(), choices):
     m, p = _block_cost(in_ch, out_ch, stride, side, choice, affine)
     macs, params = macs + m, params + p
-  last_side, last_in = out_side(side, stride), space.stage_widths[-1]
+  last_side, last_in = layers.out_side(side, stride), space.stage_widths[-1]
   macs += last_in * space.last_width * last_side ** 2 + space.last_width * num_classes
   params += (last_in * space.last_width + (2 * space.last_width if affine else 0)
              + space.last_width * num_classes)

@@ -30,9 +30,9 @@ from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.data import nasbench201
 from dfnas_jax.models import darts as space
 from dfnas_jax.models import nb201
-from dfnas_jax.nas import bilevel, common
-from dfnas_jax.train import state as state_lib
+from dfnas_jax.nas import bilevel, retraining, search_data, search_loop
 from dfnas_jax.train import loop, retrain, steps, trainer
+from dfnas_jax.train import state as state_lib
 
 AXIS = steps.AXIS
 
@@ -68,7 +68,7 @@ def arch_optimizer(config) -> optax.GradientTransformation:
                      optax.adam(config.arch_learning_rate, b1=config.arch_b1, b2=config.arch_b2))
 
 
-def search_step(state: common.SearchState, train_batch, val_batch, teacher_variables=None,
+def search_step(state: search_loop.SearchState, train_batch, val_batch, teacher_variables=None,
                 *, arch_tx: optax.GradientTransformation,
                 virtual_tx: optax.GradientTransformation, learning_rate_fn, mode: str,
                 loss: str, temperature: float, teacher_apply=None,
@@ -103,7 +103,7 @@ def search_step(state: common.SearchState, train_batch, val_batch, teacher_varia
       w, dict(train_batch, alphas=alphas), learning_rate_fn=learning_rate_fn, loss=loss,
       temperature=temperature)
   arch_metrics = ArchMetrics.gather_from_model_output(axis_name=AXIS, val_loss=val_loss)
-  return (common.SearchState(weights=weights, alphas=alphas, arch_opt_state=arch_opt_state),
+  return (search_loop.SearchState(weights=weights, alphas=alphas, arch_opt_state=arch_opt_state),
           train_metrics, arch_metrics)
 
 
@@ -127,8 +127,8 @@ def check_config(config) -> None:
     raise ValueError(f"darts loss must be 'distillation' or 'cross_entropy', got {config.loss!r}")
   retrain.check_soft_labels(config)
   models.compute_dtype(config.compute_dtype)  # a bad name fails before any work
-  common.check_search_data(config, config.loss, config.augment, config.image_size)
-  common.retrain_data(config)
+  search_data.check_search_data(config, config.loss, config.augment, config.image_size)
+  retraining.retrain_data(config)
   made = config.synthesis.images_per_round * config.synthesis.num_rounds
   if not config.dataset and made // 2 < config.batch_size:
     raise ValueError(f'The synthesis makes {made} images, whose halves (weight and '
@@ -182,11 +182,11 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
     channels, cells, _ = nb201.parse_name(config.space)
     model = nb201.NB201SearchNet(train_source.num_classes, channels, cells, dtype=dtype)
     alphas = nb201.initial_alphas(alpha_rng)
-  state = common.SearchState(
+  state = search_loop.SearchState(
       weights=state_lib.create_train_state(model, weight_rng, config.image_size, tx),
       alphas=alphas, arch_opt_state=arch_tx.init(alphas))
-  mngr, state, start_step, history = common.restore_search(workdir, config, state, num_steps)
-  search_loop = loop.Loop(workdir, start_step, num_steps)
+  mngr, state, start_step, history = search_loop.restore(workdir, config, state, num_steps)
+  runner = loop.Loop(workdir, start_step, num_steps)
   p_step = pmap_search_step(arch_tx=arch_tx, virtual_tx=virtual_step_optimizer(config, lr_fn),
                             learning_rate_fn=lr_fn, mode=config.mode, loss=config.loss,
                             temperature=config.temperature,
@@ -211,19 +211,19 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
     history.append({'epoch': epoch, 'step': step, **scalars, 'genotype': genotype})
     logging.info('Epoch %d: %s, genotype %s', epoch, scalars, genotype)
 
-  final = common.run_search(search_loop, state, step_fn, config=config, mngr=mngr,
-                            workdir=workdir, history=history, steps_per_epoch=steps_per_epoch,
-                            on_epoch_end=epoch_end)
+  final = search_loop.run(runner, state, step_fn, config=config, mngr=mngr,
+                          workdir=workdir, history=history, steps_per_epoch=steps_per_epoch,
+                          on_epoch_end=epoch_end)
   return {'alphas': final.alphas, 'history': history, 'num_steps': num_steps,
-          'steps_per_epoch': steps_per_epoch, 'wall_time_s': search_loop.stopwatch.seconds()}
+          'steps_per_epoch': steps_per_epoch, 'wall_time_s': runner.stopwatch.seconds()}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
   check_config(config)
-  common.check_real_data(config)
+  retraining.check_real_data(config)
   table = nasbench201.load(config.benchmark_table) if config.benchmark_table else None
   # The reference halves the training data into weight and architecture sets.
-  data = common.search_data(config, workdir, fraction=0.5)
+  data = search_data.load(config, workdir, fraction=0.5)
   for name, source in (('weight', data.train), ('architecture', data.val)):
     if source.num_examples < config.batch_size:
       raise ValueError(f'The {name} set has {source.num_examples} images, fewer than '
@@ -253,8 +253,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   num_params = int(sum(x.size for x in jax.tree_util.tree_leaves(variables['params'])))
   logging.info('Found %s: %d parameters as %s', found_json, num_params, name)
 
-  final = common.retrain_architecture(config, name, data, config.loss,
-                                      os.path.join(workdir, 'retrain'))
+  final = retraining.retrain_architecture(config, name, data, config.loss,
+                                          os.path.join(workdir, 'retrain'))
 
   last = result['history'][-1] if result['history'] else {}
   summary = {
@@ -265,8 +265,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
       'search_history': [{k: v for k, v in h.items() if k != 'genotype'}
                          for h in result['history']],
       'search_steps': result['num_steps'], 'loss': config.loss, **data.info,
-      **common.final_results(config, final),
-      'wall_time_s': common.wall_times(phase_times, final),
+      **retraining.final_results(config, final),
+      'wall_time_s': retraining.wall_times(phase_times, final),
   }
   wd.write_summary(workdir, summary)
   return summary

@@ -21,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from dfnas_jax import workdir as wd
+from dfnas_jax.models import layers
 from dfnas_jax.models import proxyless as space_lib
 
 KINDS = ('latency', 'flops')
@@ -86,6 +87,7 @@ def latency_table(space: space_lib.SearchSpace, num_classes: int, batch_size: in
       missing += 1
     return entries[key]
 
+  alone = space_lib.BlockSettings(axis_name=None)  # each block timed on its own, one device
   table = np.zeros((space.num_layers, space_lib.NUM_CANDIDATES), np.float32)
   start = time.time()
   for i, layer in enumerate(space.layers()):
@@ -93,16 +95,16 @@ def latency_table(space: space_lib.SearchSpace, num_classes: int, batch_size: in
     for c, (k, e) in enumerate(space_lib.MBCONVS):
       key = (f'{space_lib.CANDIDATES[c]} {layer.in_channels}->{layer.out_channels} '
              f's{layer.stride} {shape}')
-      module = space_lib.MBConv(layer.out_channels, k, e, layer.stride, axis_name=None)
+      module = space_lib.MBConv(layer.out_channels, k, e, layer.stride, alone)
       table[i, c] = measured(key, module, shape)
   stem_shape = (batch_size, space.image_size, space.image_size, 3)
   fixed = measured(f'stem {space.stem_width}/s{space.stem_stride}->{space.first_width} '
-                   f'{stem_shape}', space_lib.Stem(space, axis_name=None), stem_shape)
+                   f'{stem_shape}', space_lib.Stem(space, alone), stem_shape)
   last = list(space.layers())[-1]
-  side = space_lib.out_side(last.side, last.stride)
+  side = layers.out_side(last.side, last.stride)
   head_shape = (batch_size, side, side, last.out_channels)
   fixed += measured(f'head {space.last_width}->{num_classes} {head_shape}',
-                    space_lib.Head(space.last_width, num_classes, axis_name=None), head_shape)
+                    space_lib.Head(space.last_width, num_classes, settings=alone), head_shape)
   if missing and jax.process_index() == 0:
     wd.write_json(cache_path, cache)
   if missing:

@@ -49,9 +49,9 @@ from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.models import layers
 from dfnas_jax.models import proxyless as space_lib
-from dfnas_jax.nas import common, latency
-from dfnas_jax.train import state as state_lib
+from dfnas_jax.nas import latency, retraining, search_data, search_loop, subnets
 from dfnas_jax.train import loop, retrain, steps, trainer
+from dfnas_jax.train import state as state_lib
 
 AXIS = steps.AXIS
 BINARY_MODES = ('two', 'full')
@@ -181,7 +181,7 @@ class ArchMetrics(metrics.Collection):
   expected_cost: metrics.LastValue.from_output('expected_cost')
 
 
-def weight_step(state: common.SearchState, batch, teacher_variables=None, *, seed: int,
+def weight_step(state: search_loop.SearchState, batch, teacher_variables=None, *, seed: int,
                 allowed, **train_kwargs):
   """`steps.train_step` on one path drawn from the architecture, keyed by (seed, step);
   the candidates off the path keep their parameters and momentum."""
@@ -192,7 +192,7 @@ def weight_step(state: common.SearchState, batch, teacher_variables=None, *, see
   return state.replace(weights=weights), m
 
 
-def arch_step(state: common.SearchState, batch, teacher_variables=None, *, seed: int, allowed,
+def arch_step(state: search_loop.SearchState, batch, teacher_variables=None, *, seed: int, allowed,
               mode: str, arch_tx: optax.GradientTransformation, cost: latency.CostTable,
               cost_loss: CostLoss, loss: str, temperature: float, teacher_apply=None):
   """One architecture update on a held-out batch, with binary gates keyed by (seed, step).
@@ -314,9 +314,9 @@ def check_config(config) -> None:
                      f'got {config.arch_start_epoch}')
   retrain.check_soft_labels(config)
   models.compute_dtype(config.compute_dtype)  # a bad name fails before any work
-  common.check_search_data(config, config.loss, config.augment,
-                           space_lib.SPACES[config.space].image_size, config.val_per_class)
-  common.retrain_data(config)
+  search_data.check_search_data(config, config.loss, config.augment,
+                                space_lib.SPACES[config.space].image_size, config.val_per_class)
+  retraining.retrain_data(config)
 
 
 # --- The search ----------------------------------------------------------------------
@@ -346,11 +346,11 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
                                  bn_epsilon=config.bn_epsilon)
   weight_rng, alpha_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   alphas = config.arch_init_std * jax.random.normal(alpha_rng, allowed.shape)
-  state = common.SearchState(
+  state = search_loop.SearchState(
       weights=state_lib.create_train_state(model, weight_rng, space.image_size, tx),
       alphas=alphas, arch_opt_state=arch_tx.init(alphas))
-  mngr, state, start_step, history = common.restore_search(workdir, config, state, num_steps)
-  search_loop = loop.Loop(workdir, start_step, num_steps)
+  mngr, state, start_step, history = search_loop.restore(workdir, config, state, num_steps)
+  runner = loop.Loop(workdir, start_step, num_steps)
 
   arch_steps = functools.partial(arch_steps_until, config, warmup_steps, steps_per_epoch)
 
@@ -375,8 +375,9 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
   # statistics recalibrated for it: the running ones mix every sampled path.
   calibration = ip.train_batches(train_source, config.batch_size, space.image_size,
                                  config.augment, config.seed + 3)
-  evaluator = common.SubnetEvaluator(
-      model, state.weights.variables, [next(calibration) for _ in range(config.calibration_batches)],
+  evaluator = subnets.SubnetEvaluator(
+      model, state.weights.variables,
+      [next(calibration) for _ in range(config.calibration_batches)],
       list(ip.eval_batches(val_source, config.batch_size, space.image_size, config.augment)))
 
   def step_fn(rstate, step):
@@ -390,7 +391,7 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
     alphas = np.asarray(jax.device_get(flax.jax_utils.unreplicate(rstate.alphas)))
     probs = np.asarray(probabilities(alphas, allowed))
     choices = derive(alphas, allowed)
-    with search_loop.report.timed('eval'):
+    with runner.report.timed('eval'):
       evaluator.set_variables(rstate.weights.variables)
       scalars['argmax_val_accuracy'] = evaluator(choices)
     scalars['expected_cost'] = float(cost.expected(probs))
@@ -403,12 +404,12 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
     logging.info('Epoch %d: %s, argmax %s', epoch, scalars,
                  space_lib.architecture_name(config.space, choices))
 
-  final = common.run_search(search_loop, state, step_fn, config=config, mngr=mngr,
-                            workdir=workdir, history=history, steps_per_epoch=steps_per_epoch,
-                            on_epoch_end=epoch_end)
+  final = search_loop.run(runner, state, step_fn, config=config, mngr=mngr,
+                          workdir=workdir, history=history, steps_per_epoch=steps_per_epoch,
+                          on_epoch_end=epoch_end)
   return {'alphas': np.asarray(final.alphas), 'history': history, 'num_steps': num_steps,
           'warmup_steps': warmup_steps, 'arch_steps': arch_steps(num_steps),
-          'steps_per_epoch': steps_per_epoch, 'wall_time_s': search_loop.stopwatch.seconds()}
+          'steps_per_epoch': steps_per_epoch, 'wall_time_s': runner.stopwatch.seconds()}
 
 
 def derive(alphas, allowed) -> Tuple[int, ...]:
@@ -418,8 +419,8 @@ def derive(alphas, allowed) -> Tuple[int, ...]:
 
 def run(config: ml_collections.ConfigDict, workdir: str):
   check_config(config)
-  common.check_real_data(config)
-  data = common.search_data(config, workdir, per_class=config.val_per_class)
+  retraining.check_real_data(config)
+  data = search_data.load(config, workdir, per_class=config.val_per_class)
   phase_times = {'data_s': data.seconds}
   train_source, val_source = data.train, data.val
   num_classes = train_source.num_classes
@@ -465,8 +466,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                name, found['flops_m'], params, found['cost_of_architecture'], cost.unit,
                found['measured_latency_ms'])
 
-  final = common.retrain_architecture(config, name, data, config.loss,
-                                      os.path.join(workdir, 'retrain'))
+  final = retraining.retrain_architecture(config, name, data, config.loss,
+                                          os.path.join(workdir, 'retrain'))
 
   last = result['history'][-1] if result['history'] else {}
   summary = {
@@ -478,8 +479,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
       'search_history': result['history'], 'search_steps': result['num_steps'],
       'warmup_steps': result['warmup_steps'], 'arch_steps': result['arch_steps'],
       'loss': config.loss, **data.info,
-      **common.final_results(config, final),
-      'wall_time_s': common.wall_times(phase_times, final),
+      **retraining.final_results(config, final),
+      'wall_time_s': retraining.wall_times(phase_times, final),
   }
   wd.write_summary(workdir, summary)
   return summary

@@ -24,7 +24,7 @@ from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.data import nasbench201
 from dfnas_jax.models import layers, nb201
 from dfnas_jax.models import spos as spos_lib
-from dfnas_jax.nas import common, evolution
+from dfnas_jax.nas import evolution, retraining, search_data, subnets
 from dfnas_jax.train import retrain, trainer
 
 Arch = evolution.Arch
@@ -47,7 +47,8 @@ def one_shot_space(name: str) -> OneShotSpace:
   if nb201.is_name(name):
     channels, cells, ops = nb201.parse_name(name)
     if ops is not None:
-      raise ValueError(f'space={name!r} names one cell; the search space is {name.split(":")[0]!r}.')
+      raise ValueError(f'space={name!r} names one cell; '
+                       f'the search space is {name.split(":")[0]!r}.')
     return OneShotSpace(name, nb201.NUM_EDGES, len(nb201.OPS), nb201.OPS, 32,
                         lambda a, classes: nb201.cost(a, classes, channels, cells),
                         lambda a: nb201.architecture_name(a, channels, cells))
@@ -190,7 +191,7 @@ def train_supernet(config, workdir: str, model, train_source: ip.DataSource,
 
 
 def subnet_evaluator(config, model, variables, train_source: ip.DataSource,
-                     val_source: ip.DataSource) -> common.SubnetEvaluator:
+                     val_source: ip.DataSource) -> subnets.SubnetEvaluator:
   """Scores paths of the trained supernet: `config.calibration_batches` augmented
   training batches recalibrate BatchNorm, `val_source` measures accuracy."""
   s = config.supernet
@@ -199,7 +200,7 @@ def subnet_evaluator(config, model, variables, train_source: ip.DataSource,
   calibration = [next(batches) for _ in range(config.calibration_batches)]
   held_out = list(ip.eval_batches(val_source, config.calibration_batch_size, s.image_size,
                                   s.augment))
-  return common.SubnetEvaluator(model, variables, calibration, held_out)
+  return subnets.SubnetEvaluator(model, variables, calibration, held_out)
 
 
 def check_config(config) -> None:
@@ -216,17 +217,18 @@ def check_config(config) -> None:
   retrain.check_soft_labels(config)
   trainer.check_config(config.supernet)
   s = config.supernet
-  common.check_search_data(config, s.loss, s.augment, s.image_size, per_class=config.val_per_class)
-  common.retrain_data(config)
+  search_data.check_search_data(config, s.loss, s.augment, s.image_size,
+                                per_class=config.val_per_class)
+  retraining.retrain_data(config)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):
   check_config(config)  # before the table, the synthesis and the supernet
-  common.check_real_data(config)
+  retraining.check_real_data(config)
   dtype = models.compute_dtype(config.compute_dtype)
   table = nasbench201.load(config.benchmark_table) if config.benchmark_table else None
   space = one_shot_space(config.space)
-  data = common.search_data(config, workdir, per_class=config.val_per_class)
+  data = search_data.load(config, workdir, per_class=config.val_per_class)
   phase_times = {'data_s': data.seconds}
   train_source, val_source = data.train, data.val
   num_classes = train_source.num_classes
@@ -265,18 +267,18 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                best_name, flops / 1e6, params, best_accuracy)
 
   # Retrain from scratch on the same data, evaluate on real data if configured.
-  final = common.retrain_architecture(config, best_name, data, config.supernet.loss,
-                                      os.path.join(workdir, 'retrain'))
+  final = retraining.retrain_architecture(config, best_name, data, config.supernet.loss,
+                                          os.path.join(workdir, 'retrain'))
 
   summary = {
       'stage': 'spos', 'space': config.space, 'best_architecture': best_name,
       'best_choices': list(best), 'best_choice_names': [space.choice_names[c] for c in best],
       'flops_m': flops / 1e6, 'params': params,
       'search_val_accuracy': best_accuracy, **data.info,
-      **common.final_results(config, final),
+      **retraining.final_results(config, final),
       **(table.summary_entry(best) if table is not None else {}),
       'search_history': search.history,
-      'wall_time_s': common.wall_times(phase_times, final),
+      'wall_time_s': retraining.wall_times(phase_times, final),
   }
   wd.write_summary(workdir, summary)
   return summary

@@ -33,21 +33,24 @@ LOSS_BATCHES = ('global', 'device')
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """Static settings of one synthesis run (hashable: part of the compiled step)."""
+  """Static settings of one synthesis run (hashable: part of the compiled step).
+
+  Made from a synthesis config by `settings_from_config`: the defaults and what each
+  field means are in configs/synthesize.py, and nowhere else.
+  """
   canvas: int                 # side of the optimized canvas, full resolution
   window: int                 # side of the region the teacher sees, full resolution
-  regional_update: bool = True  # False: canvas == window, random roll by `jitter` instead
-  jitter: int = 0
-  flip: bool = True
-  lr: float = 0.25
-  beta1: float = 0.5
-  beta2: float = 0.9
-  eps: float = 1e-8
-  warmup_steps: int = 100
-  weights: Tuple[Tuple[str, float], ...] = (
-      ('main', 1.0), ('bn', 0.01), ('tv_l2', 1e-4), ('tv_l1', 0.0), ('l2', 1e-5))
-  first_bn_multiplier: float = 10.0
-  loss_batch: str = 'global'  # batch-coupled terms over the whole batch | each device's shard
+  regional_update: bool       # False: canvas == window, random roll by `jitter` instead
+  jitter: int
+  flip: bool
+  lr: float
+  beta1: float
+  beta2: float
+  eps: float
+  warmup_steps: int
+  weights: Tuple[Tuple[str, float], ...]  # (loss term, weight) for each of LOSS_TERMS
+  first_bn_multiplier: float
+  loss_batch: str             # batch-coupled terms over the whole batch | each device's shard
 
   def __post_init__(self):
     if self.regional_update and self.canvas < self.window:

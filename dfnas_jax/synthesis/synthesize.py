@@ -17,11 +17,11 @@ from typing import Optional
 
 import jax
 import ml_collections
-from jax.experimental import multihost_utils
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 from clu import periodic_actions
+from jax.experimental import multihost_utils
 
 from dfnas_jax import models, plots, teachers
 from dfnas_jax import workdir as wd

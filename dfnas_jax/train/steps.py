@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import optax
 from clu import metrics
 
-
 AXIS = 'batch'
 
 

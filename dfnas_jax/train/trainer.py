@@ -9,9 +9,8 @@ import ml_collections
 from absl import logging
 
 from dfnas_jax.data import input_pipeline as ip
-from dfnas_jax.train import checkpointing, loop
+from dfnas_jax.train import checkpointing, loop, steps
 from dfnas_jax.train import state as state_lib
-from dfnas_jax.train import steps
 
 
 def evaluate(variables, source: ip.DataSource, batch_size: int, image_size: int,
