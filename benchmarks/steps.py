@@ -26,7 +26,7 @@ from dfnas_jax import models  # pylint: disable=wrong-import-position
 from dfnas_jax.configs import darts as darts_config  # pylint: disable=wrong-import-position
 from dfnas_jax.models import darts as darts_space  # pylint: disable=wrong-import-position
 from dfnas_jax.models import layers  # pylint: disable=wrong-import-position
-from dfnas_jax.nas import darts, search_loop  # pylint: disable=wrong-import-position
+from dfnas_jax.nas import darts  # pylint: disable=wrong-import-position
 from dfnas_jax.train import state as state_lib  # pylint: disable=wrong-import-position
 from dfnas_jax.train import steps  # pylint: disable=wrong-import-position
 
@@ -99,7 +99,7 @@ def darts_search(channels, cells, size, batch_size, n_dev, dtype, repeats):
   tx, lr_fn = darts.weight_optimizer(config, 1000)
   arch_tx = darts.arch_optimizer(config)
   alphas = darts_space.initial_alphas(jax.random.PRNGKey(1))
-  state = search_loop.SearchState(
+  state = state_lib.SearchState(
       weights=state_lib.create_train_state(model, jax.random.PRNGKey(0), size, tx),
       alphas=alphas, arch_opt_state=arch_tx.init(alphas))
   p_step = darts.pmap_search_step(arch_tx=arch_tx,

@@ -17,7 +17,7 @@ import pytest
 from dfnas_jax import models, teachers
 from dfnas_jax.configs import darts as darts_config
 from dfnas_jax.models import darts, layers
-from dfnas_jax.nas import bilevel, search_loop
+from dfnas_jax.nas import bilevel
 from dfnas_jax.nas import darts as darts_stage
 from dfnas_jax.train import state as state_lib
 from dfnas_jax.train import steps
@@ -260,7 +260,7 @@ def test_search_step_virtual_step_is_the_references_unclipped_one(mode):
   alphas = jnp.asarray([0.3, -0.2])
   params = jax.jit(model.init)(jax.random.PRNGKey(0), batch(0)['image'][0], alphas)['params']
   arch_tx = optax.sgd(1.0)  # the hypergradient is the change of alphas
-  state = search_loop.SearchState(
+  state = state_lib.SearchState(
       weights=state_lib.create_train_state(model, None, 0, tx, {'params': params,
                                                                 'batch_stats': {}}),
       alphas=alphas, arch_opt_state=arch_tx.init(alphas))

@@ -18,7 +18,7 @@ from dfnas_jax import models, teachers
 from dfnas_jax.configs import proxylessnas as proxylessnas_config
 from dfnas_jax.models import layers
 from dfnas_jax.models import proxyless as space_lib
-from dfnas_jax.nas import latency, search_loop
+from dfnas_jax.nas import binary_gates, latency
 from dfnas_jax.nas import proxyless as stage
 from dfnas_jax.train import state as state_lib
 from dfnas_jax.train import steps
@@ -90,14 +90,15 @@ def test_gate_estimator_equals_the_gradient_of_the_expected_loss(layer_index, mo
   w = jax.random.normal(jax.random.PRNGKey(2), (2, side, side, layer.out_channels))
   allowed = TINY.allowed()[layer_index:layer_index + 1]
   alphas = jax.random.normal(jax.random.PRNGKey(3), allowed.shape)
-  paths, gates = stage.binarize(jax.random.PRNGKey(4), alphas, allowed, mode)
+  paths, gates = binary_gates.binarize(jax.random.PRNGKey(4), alphas, allowed, mode)
 
   def loss(gates):  # L(g) = <w, layer(x; g)>
     out = mixed.apply(variables, x, gates=gates[0], paths=None if paths is None else paths[0])
     return jnp.sum(w * out)
 
-  _, _, _, estimate = stage.architecture_gradient(
-      loss, gates, paths, alphas, allowed, latency.flops_table(TINY, 10), stage.CostLoss(None))
+  _, _, _, estimate = binary_gates.architecture_gradient(
+      loss, gates, paths, alphas, allowed, latency.flops_table(TINY, 10),
+      binary_gates.CostLoss(None))
 
   candidates = np.arange(space_lib.NUM_CANDIDATES) if paths is None else np.asarray(paths[0])
   per_candidate = jnp.array([jnp.sum(w * mixed.apply(variables, x, choice=int(c)))
@@ -105,7 +106,7 @@ def test_gate_estimator_equals_the_gradient_of_the_expected_loss(layer_index, mo
 
   def expected_loss(alphas):
     if paths is None:
-      return jnp.sum(stage.probabilities(alphas, allowed)[0] * per_candidate)
+      return jnp.sum(binary_gates.probabilities(alphas, allowed)[0] * per_candidate)
     return jnp.sum(jax.nn.softmax(alphas[0, candidates]) * per_candidate)
 
   exact = jax.grad(expected_loss)(alphas)
@@ -123,12 +124,12 @@ def test_binarize_samples_allowed_candidates_by_their_probability():
   allowed = TINY.allowed()
   alphas = jnp.zeros(allowed.shape).at[:, 1].set(2.0)
   keys = jax.random.split(jax.random.PRNGKey(0), 2000)
-  paths = jax.vmap(lambda k: stage.sample_path(k, alphas, allowed))(keys)
+  paths = jax.vmap(lambda k: binary_gates.sample_path(k, alphas, allowed))(keys)
   frequency = np.mean(np.asarray(paths) == 1, axis=0)
-  p = np.asarray(stage.probabilities(alphas, allowed))[:, 1]
+  p = np.asarray(binary_gates.probabilities(alphas, allowed))[:, 1]
   np.testing.assert_allclose(frequency, p, atol=0.04)
   assert not np.any(np.asarray(paths)[:, 2:] == space_lib.ZERO)
-  pairs, gates = jax.vmap(lambda k: stage.binarize(k, alphas, allowed, 'two'))(keys[:200])
+  pairs, gates = jax.vmap(lambda k: binary_gates.binarize(k, alphas, allowed, 'two'))(keys[:200])
   pairs = np.asarray(pairs)
   assert np.all(pairs[..., 0] != pairs[..., 1])
   assert not np.any(pairs[:, 2:] == space_lib.ZERO)
@@ -141,8 +142,8 @@ def test_two_path_rescale_keeps_the_other_candidates_probabilities():
   paths = jnp.array([[0, 3], [6, 1], [2, 5]])
   rows = np.arange(3)[:, None]
   new = old.at[rows, paths].add(jnp.array([[0.3, -0.2], [1.0, 0.5], [-0.4, 0.1]]))
-  rescaled = stage.rescale_involved(new, old, paths)
-  p_old, p_new = (np.asarray(stage.probabilities(a, allowed)) for a in (old, rescaled))
+  rescaled = binary_gates.rescale_involved(new, old, paths)
+  p_old, p_new = (np.asarray(binary_gates.probabilities(a, allowed)) for a in (old, rescaled))
   involved = np.zeros(allowed.shape, bool)
   involved[rows, np.asarray(paths)] = True
   np.testing.assert_allclose(p_new[~involved & allowed], p_old[~involved & allowed], rtol=1e-5)
@@ -156,8 +157,8 @@ def test_layerwise_adam_is_torch_adam_with_one_parameter_per_layer():
   logits), weight decay added to the gradient, and a parameter whose grad is None
   (`skip`) left as it was, its moments and step count included."""
   lr, b1, b2, eps, wd = 0.1, 0.5, 0.999, 1e-8, 1e-2
-  tx = stage.layerwise(optax.chain(optax.add_decayed_weights(wd),
-                                   optax.adam(lr, b1=b1, b2=b2, eps=eps)))
+  tx = binary_gates.layerwise(optax.chain(optax.add_decayed_weights(wd),
+                                          optax.adam(lr, b1=b1, b2=b2, eps=eps)))
   rng = np.random.default_rng(0)
   params = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
   state = tx.init(params)
@@ -186,17 +187,17 @@ def test_two_path_arch_step_moves_only_the_drawn_pairs_and_skips_zero_layers(qui
   allowed = space.allowed()  # layer 0 may be zero, layer 1 not
   model = space_lib.ProxylessNet(space, num_classes=10)
   variables = state_lib.init_variables(model, jax.random.PRNGKey(0), 16)
-  arch_tx = stage.arch_optimizer(proxylessnas_config.get_config())
+  arch_tx = binary_gates.arch_optimizer(proxylessnas_config.get_config())
   alphas = jax.random.normal(jax.random.PRNGKey(1), allowed.shape).at[0, space_lib.ZERO].set(1.0)
-  state = search_loop.SearchState(
+  state = state_lib.SearchState(
       weights=state_lib.TrainState.create(apply_fn=model.apply, params=variables['params'],
                                           batch_stats=variables['batch_stats'],
                                           tx=optax.sgd(0.0)),
       alphas=alphas, arch_opt_state=arch_tx.init(alphas))
   cost = latency.flops_table(space, 10)
   p_arch = jax.pmap(functools.partial(
-      stage.arch_step, seed=0, allowed=allowed, mode='two', arch_tx=arch_tx, cost=cost,
-      cost_loss=stage.CostLoss('add_linear', 5.0), loss='cross_entropy', temperature=1.0),
+      binary_gates.arch_step, seed=0, allowed=allowed, mode='two', arch_tx=arch_tx, cost=cost,
+      cost_loss=binary_gates.CostLoss('add_linear', 5.0), loss='cross_entropy', temperature=1.0),
       axis_name=steps.AXIS)
   rng = np.random.default_rng(0)
   batch = {'image': rng.uniform(size=(1, 4, 16, 16, 3)).astype(np.float32),
@@ -208,7 +209,7 @@ def test_two_path_arch_step_moves_only_the_drawn_pairs_and_skips_zero_layers(qui
     rstate = rstate.replace(weights=rstate.weights.replace(step=jnp.full((1,), step)))
     old, old_opt = jax.device_get((rstate.alphas[0], rstate.arch_opt_state))
     key = jax.random.fold_in(jax.random.PRNGKey(1), step)  # arch_step's draw
-    paths, gates = (np.asarray(a) for a in stage.binarize(key, old, allowed, 'two'))
+    paths, gates = (np.asarray(a) for a in binary_gates.binarize(key, old, allowed, 'two'))
     rstate, m = p_arch(rstate, batch)
     new = np.asarray(rstate.alphas[0])
     drawn = np.zeros(allowed.shape, bool)
@@ -240,20 +241,20 @@ def test_latency_term_moves_probability_to_faster_candidates(form):
   allowed = TINY.allowed()
   table = np.tile(np.array([3.0, 6.0, 4.0, 8.0, 5.0, 10.0, 0.0], np.float32), (TINY.num_layers, 1))
   cost = latency.CostTable('latency', 'ms', table, fixed=2.0)
-  cost_loss = stage.CostLoss(form, target=10.0)
+  cost_loss = binary_gates.CostLoss(form, target=10.0)
   tx = optax.adam(1e-2, b1=0.0, b2=0.999)
   alphas = jnp.zeros(allowed.shape)
   opt_state = tx.init(alphas)
-  start = float(cost.expected(stage.probabilities(alphas, allowed)))
+  start = float(cost.expected(binary_gates.probabilities(alphas, allowed)))
   for i in range(100):
-    paths, gates = stage.binarize(jax.random.PRNGKey(i), alphas, allowed, 'full')
-    _, _, expected, grads = stage.architecture_gradient(
+    paths, gates = binary_gates.binarize(jax.random.PRNGKey(i), alphas, allowed, 'full')
+    _, _, expected, grads = binary_gates.architecture_gradient(
         lambda g: jnp.float32(2.3), gates, paths, alphas, allowed, cost, cost_loss)
     updates, opt_state = tx.update(grads, opt_state)
     alphas = optax.apply_updates(alphas, updates)
-  probs = np.asarray(stage.probabilities(alphas, allowed))
+  probs = np.asarray(binary_gates.probabilities(alphas, allowed))
   assert float(cost.expected(probs)) < start - 1.0
-  uniform = np.asarray(stage.probabilities(jnp.zeros(allowed.shape), allowed))
+  uniform = np.asarray(binary_gates.probabilities(jnp.zeros(allowed.shape), allowed))
   for layer, p in enumerate(probs):
     ms = np.where(allowed[layer], table[layer], np.nan)
     fastest, slowest = np.nanargmin(ms), np.nanargmax(ms)  # zero where allowed, else 3 ms
@@ -271,18 +272,18 @@ def test_one_compiled_step_serves_every_sampled_path(quick_compiles):
   allowed = space.allowed()
   assert allowed[:, space_lib.ZERO].tolist() == [True, False]
   tx = state_lib.sgd(optax.constant_schedule(0.05), 0.9, 4e-5)
-  arch_tx = stage.layerwise(optax.adam(1e-3, b1=0.0))
+  arch_tx = binary_gates.layerwise(optax.adam(1e-3, b1=0.0))
   alphas = jnp.zeros(allowed.shape)
-  state = search_loop.SearchState(
+  state = state_lib.SearchState(
       weights=state_lib.TrainState.create(apply_fn=model.apply, params=variables['params'],
                                           batch_stats=variables['batch_stats'], tx=tx),
       alphas=alphas, arch_opt_state=arch_tx.init(alphas))
   p_weight = jax.pmap(functools.partial(
-      stage.weight_step, seed=0, allowed=allowed, learning_rate_fn=lambda s: 0.05,
+      binary_gates.weight_step, seed=0, allowed=allowed, learning_rate_fn=lambda s: 0.05,
       loss='cross_entropy'), axis_name=steps.AXIS)
   p_arch = jax.pmap(functools.partial(
-      stage.arch_step, seed=0, allowed=allowed, mode='two', arch_tx=arch_tx,
-      cost=latency.flops_table(space, 10), cost_loss=stage.CostLoss('add_linear', 5.0),
+      binary_gates.arch_step, seed=0, allowed=allowed, mode='two', arch_tx=arch_tx,
+      cost=latency.flops_table(space, 10), cost_loss=binary_gates.CostLoss('add_linear', 5.0),
       loss='cross_entropy', temperature=1.0), axis_name=steps.AXIS)
   rng = np.random.default_rng(0)
   batch = {'image': rng.uniform(size=(1, 4, 16, 16, 3)).astype(np.float32),
@@ -291,8 +292,8 @@ def test_one_compiled_step_serves_every_sampled_path(quick_compiles):
   compiles = []
   jax.monitoring.register_event_duration_secs_listener(
       lambda event, *_, **__: compiles.append(event) if 'backend_compile' in event else None)
-  path_of = lambda s: np.asarray(stage.sample_path(jax.random.fold_in(jax.random.PRNGKey(0), s),
-                                                   alphas, allowed))
+  path_of = lambda s: np.asarray(binary_gates.sample_path(
+      jax.random.fold_in(jax.random.PRNGKey(0), s), alphas, allowed))
   for step in range(4):
     before = jax.device_get(rstate.weights.params)
     rstate, _ = p_weight(rstate, batch)
@@ -351,21 +352,21 @@ def test_bad_proxylessnas_configs_are_one_clear_error(tmp_path, field, value, me
 def test_reference_warmup_rate_weight_decay_and_first_architecture_epoch():
   """The imagenet preset's reference settings; the default keeps the project's."""
   reference, default = (proxylessnas_config.get_config(p) for p in ('imagenet', ''))
-  lr = stage.weight_schedule(reference, 10, 20)  # warm-up: cosine from lr_max = 0.05
+  lr = binary_gates.weight_schedule(reference, 10, 20)  # warm-up: cosine from lr_max = 0.05
   assert [float(lr(s)) for s in (0, 5, 10)] == pytest.approx([0.05, 0.025, 0.025])
-  assert float(stage.weight_schedule(default, 10, 20)(0)) == pytest.approx(0.1)
+  assert float(binary_gates.weight_schedule(default, 10, 20)(0)) == pytest.approx(0.1)
   params = {'kernel': jnp.ones((2, 2)), 'scale': jnp.ones((2,))}
   zero_grads = jax.tree_util.tree_map(jnp.zeros_like, params)
   for config, decays_scale in ((default, False), (reference, True)):
-    tx = stage.weight_optimizer(config, optax.constant_schedule(1.0))
+    tx = binary_gates.weight_optimizer(config, optax.constant_schedule(1.0))
     updates, _ = tx.update(zero_grads, tx.init(params), params)
     assert float(updates['kernel'][0, 0]) < 0
     assert (float(updates['scale'][0]) < 0) == decays_scale
   # Reference: no architecture step in the first search epoch, then one every 5
   # batches (10 batches an epoch after a 10-step warm-up: the first at step 25).
-  counts = [stage.arch_steps_until(reference, 10, 10, s) for s in range(41)]
+  counts = [binary_gates.arch_steps_until(reference, 10, 10, s) for s in range(41)]
   assert counts.index(1) == 25 and counts[40] == 4
-  assert [stage.arch_steps_until(default, 10, 10, s) for s in (11, 12)] == [0, 1]
+  assert [binary_gates.arch_steps_until(default, 10, 10, s) for s in (11, 12)] == [0, 1]
 
 
 def test_bn_epsilon_reaches_every_batch_norm():
@@ -388,7 +389,7 @@ def test_mul_log_needs_a_target_above_one(tmp_path):
   config = proxylessnas_config.get_config('smoke')
   config.cost_model, config.cost_target = 'flops', 0.5
   with pytest.raises(ValueError, match='mul_log needs a cost target above 1'):
-    stage.cost_setup(config, TINY, 10, str(tmp_path))
+    binary_gates.cost_setup(config, TINY, 10, str(tmp_path))
 
 
 def test_proxylessnas_smoke_end_to_end_resumes_after_kill_then_notebook_04_shows_it(
@@ -433,8 +434,8 @@ def test_proxylessnas_smoke_end_to_end_resumes_after_kill_then_notebook_04_shows
   assert found['cost_model'] == 'latency' and found['measured_latency_ms'] > 0
   assert found['flops_m'] == pytest.approx(space_lib.cost(TINY, found['choices'], 10)[0] / 1e6)
   table = json.loads((workdir / 'cost_table.json').read_text())
-  uniform = stage.probabilities(np.zeros((TINY.num_layers, space_lib.NUM_CANDIDATES)),
-                                TINY.allowed())
+  uniform = binary_gates.probabilities(np.zeros((TINY.num_layers, space_lib.NUM_CANDIDATES)),
+                                       TINY.allowed())
   expected = table['fixed'] + float(np.sum(np.asarray(uniform) * np.asarray(table['table'])))
   assert found['cost_target'] == pytest.approx(0.8 * expected, rel=1e-5)
   assert found['cost_of_architecture'] == pytest.approx(

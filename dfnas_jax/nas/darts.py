@@ -68,7 +68,7 @@ def arch_optimizer(config) -> optax.GradientTransformation:
                      optax.adam(config.arch_learning_rate, b1=config.arch_b1, b2=config.arch_b2))
 
 
-def search_step(state: search_loop.SearchState, train_batch, val_batch, teacher_variables=None,
+def search_step(state: state_lib.SearchState, train_batch, val_batch, teacher_variables=None,
                 *, arch_tx: optax.GradientTransformation,
                 virtual_tx: optax.GradientTransformation, learning_rate_fn, mode: str,
                 loss: str, temperature: float, teacher_apply=None,
@@ -103,7 +103,7 @@ def search_step(state: search_loop.SearchState, train_batch, val_batch, teacher_
       w, dict(train_batch, alphas=alphas), learning_rate_fn=learning_rate_fn, loss=loss,
       temperature=temperature)
   arch_metrics = ArchMetrics.gather_from_model_output(axis_name=AXIS, val_loss=val_loss)
-  return (search_loop.SearchState(weights=weights, alphas=alphas, arch_opt_state=arch_opt_state),
+  return (state_lib.SearchState(weights=weights, alphas=alphas, arch_opt_state=arch_opt_state),
           train_metrics, arch_metrics)
 
 
@@ -182,7 +182,7 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
     channels, cells, _ = nb201.parse_name(config.space)
     model = nb201.NB201SearchNet(train_source.num_classes, channels, cells, dtype=dtype)
     alphas = nb201.initial_alphas(alpha_rng)
-  state = search_loop.SearchState(
+  state = state_lib.SearchState(
       weights=state_lib.create_train_state(model, weight_rng, config.image_size, tx),
       alphas=alphas, arch_opt_state=arch_tx.init(alphas))
   mngr, state, start_step, history = search_loop.restore(workdir, config, state, num_steps)

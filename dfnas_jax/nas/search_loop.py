@@ -1,6 +1,6 @@
-"""A differentiable search's state, its step loop and its checkpoints (DARTS, ProxylessNAS)."""
+"""A differentiable search's step loop and checkpoints (DARTS, ProxylessNAS)."""
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Dict, List, Tuple
 
 import flax
 import flax.jax_utils
@@ -13,16 +13,8 @@ from dfnas_jax.train import checkpointing, loop, steps
 from dfnas_jax.train import state as state_lib
 
 
-class SearchState(flax.struct.PyTreeNode):
-  """A differentiable search's network weights (with BN statistics and SGD state),
-  architecture logits and their optimizer state."""
-  weights: state_lib.TrainState
-  alphas: Any
-  arch_opt_state: Any
-
-
-def restore(workdir: str, config, state: SearchState,
-                   num_steps: int) -> Tuple[ocp.CheckpointManager, SearchState, int, List[Dict]]:
+def restore(workdir: str, config, state: state_lib.SearchState, num_steps: int
+            ) -> Tuple[ocp.CheckpointManager, state_lib.SearchState, int, List[Dict]]:
   """(checkpoint manager, state, start step, history) of a search in `workdir`.
 
   Resumes from the latest checkpoint. Per-epoch history entries logged after it
@@ -40,8 +32,8 @@ def restore(workdir: str, config, state: SearchState,
   return mngr, restored, start_step, [h for h in history if h['step'] <= start_step]
 
 
-def save(mngr: ocp.CheckpointManager, workdir: str, step: int, rstate: SearchState,
-                history: List[Dict], epoch_end: bool) -> None:
+def save(mngr: ocp.CheckpointManager, workdir: str, step: int, rstate: state_lib.SearchState,
+         history: List[Dict], epoch_end: bool) -> None:
   """Checkpoints replicated `rstate`; at an epoch's end first the history that ends it."""
   if jax.process_index() == 0 and epoch_end:
     wd.write_json(os.path.join(workdir, 'history.json'), history)
@@ -49,9 +41,9 @@ def save(mngr: ocp.CheckpointManager, workdir: str, step: int, rstate: SearchSta
                      force=epoch_end)
 
 
-def run(runner: loop.Loop, state: SearchState, step_fn: loop.StepFn, *, config,
-               mngr: ocp.CheckpointManager, workdir: str, history: List[Dict],
-               steps_per_epoch: int, on_epoch_end) -> SearchState:
+def run(runner: loop.Loop, state: state_lib.SearchState, step_fn: loop.StepFn, *, config,
+        mngr: ocp.CheckpointManager, workdir: str, history: List[Dict],
+        steps_per_epoch: int, on_epoch_end) -> state_lib.SearchState:
   """A search's steps (DARTS, ProxylessNAS) from `state`: logged and checkpointed as
   `config` says and at every epoch's end, where `on_epoch_end(step, epoch, rstate,
   scalars)` records the epoch (in `history`, saved with its checkpoint). Returns the

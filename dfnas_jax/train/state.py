@@ -1,6 +1,7 @@
 """TrainState with BatchNorm statistics, its initialization and the SGD optimizer."""
 from typing import Any, Dict, Optional
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -64,3 +65,11 @@ def create_train_state(model: nn.Module, rng: jax.Array, image_size: int,
     variables = init_variables(model, rng, image_size)
   return TrainState.create(apply_fn=model.apply, params=variables['params'],
                            batch_stats=variables['batch_stats'], tx=tx)
+
+
+class SearchState(flax.struct.PyTreeNode):
+  """A differentiable search's network weights (with BN statistics and SGD state),
+  architecture logits and their optimizer state."""
+  weights: TrainState
+  alphas: Any
+  arch_opt_state: Any
