@@ -1,6 +1,6 @@
 """The project's hot steps against PyTorch implementations of the same work, in one run.
 
-  python benchmarks/compare_torch.py                      # both rows; ~5 min on 2 CPU cores
+  python benchmarks/compare_torch.py                      # every row; minutes on 2 CPU cores
   python benchmarks/compare_torch.py --steps=synthesis --repeats=10 --json=/tmp/torch.json
 
 Each row is one hot step: the JAX side is the project's own compiled step, the PyTorch side
@@ -30,6 +30,20 @@ Rows (more, e.g. the DARTS search step, come later):
                  input (`steps.pmap_train_step`, one device). The check runs one fixed
                  path; timing draws a path per (JAX, torch) pair, uniformly among the paths
                  in the config's FLOPs band (the search itself draws by FLOPs bin).
+  nb201_supernet the same step on NAS-Bench-201 as configs/spos.py:nb201 trains it
+                 (nb201-8x1, batch 64, 32 px, no dropout): the path is the cell
+                 architecture, one op per edge shared by every cell; the torch twin is
+                 benchmarks/torch_nb201.py. The check runs one fixed cell using every op
+                 type; timing draws a cell per pair uniformly among all 5**6.
+  proxyless_weight one weight step of the ProxylessNAS search as configs/proxylessnas.py
+                 runs it (proxyless_cifar, batch 16, 32 px): a path drawn in the step from
+                 the architecture logits, distillation from the teacher computed in the
+                 step, Nesterov SGD; the candidates off the path keep weights and momentum.
+  proxyless_arch one architecture step of that search: binary gates on two candidates
+                 per layer drawn in the step, the task loss times the latency term
+                 (mul_log; the latency table measured here as the search measures it,
+                 cached in the temp directory), the binary-gate estimator, Adam per layer.
+                 Both rows and their torch twin: benchmarks/compare_torch_proxyless.py.
 
 Differences that leave the work the same: torch holds images NCHW (converted once, outside
 the timed step); while timing it draws its own windows, flips and dropout masks (the check
@@ -38,7 +52,8 @@ where Flax keeps the biased one (running statistics are not compared).
 
 Imports nothing that imports TensorFlow (the accelerator machines have none), so what lives
 in TensorFlow-importing modules is restated here: the optimizer `trainer.fit` builds, and
-paths drawn uniformly in the FLOPs band instead of `nas.spos.PathSampler`.
+paths drawn uniformly in the FLOPs band instead of `nas.spos.PathSampler`; the ProxylessNAS
+steps in benchmarks/compare_torch_proxyless.py.
 """
 import copy
 import json
@@ -47,6 +62,7 @@ import time
 
 os.environ['JAX_PLATFORMS'] = 'cpu'  # before JAX starts: both sides on the CPU
 
+import compare_torch_proxyless  # pylint: disable=wrong-import-position  # benchmarks/
 import flax.jax_utils  # pylint: disable=wrong-import-position
 import flax.linen as nn  # pylint: disable=wrong-import-position
 import jax  # pylint: disable=wrong-import-position
@@ -55,120 +71,20 @@ import numpy as np  # pylint: disable=wrong-import-position
 import optax  # pylint: disable=wrong-import-position
 import torch  # pylint: disable=wrong-import-position
 import torch.nn.functional as F  # pylint: disable=wrong-import-position
+import torch_nb201  # pylint: disable=wrong-import-position  # benchmarks/
+import torch_parity as tp  # pylint: disable=wrong-import-position  # benchmarks/
 from absl import app, flags  # pylint: disable=wrong-import-position
 from torch import nn as tnn  # pylint: disable=wrong-import-position
 
 from dfnas_jax import models, teachers  # pylint: disable=wrong-import-position
 from dfnas_jax.configs import spos as spos_config  # pylint: disable=wrong-import-position
 from dfnas_jax.configs import synthesize as synthesize_config  # pylint: disable=wrong-import-position
-from dfnas_jax.models import layers, resnet  # pylint: disable=wrong-import-position
+from dfnas_jax.models import layers, nb201  # pylint: disable=wrong-import-position
 from dfnas_jax.models import spos as spos_lib  # pylint: disable=wrong-import-position
 from dfnas_jax.synthesis import inversion  # pylint: disable=wrong-import-position
 from dfnas_jax.teachers import convert  # pylint: disable=wrong-import-position
 from dfnas_jax.train import state as state_lib  # pylint: disable=wrong-import-position
 from dfnas_jax.train import steps as steps_lib  # pylint: disable=wrong-import-position
-
-# Parity tolerances, float32 on both sides. Logits and losses are smooth: observed
-# differences are <= 3e-6. The update is compared in L2, not elementwise: a ReLU input within
-# float rounding of 0 can fall on opposite sides in the two (synthesis at batch 128: one unit
-# of the teacher's layer3.0, where torch's side differs from a float64 reference), which
-# changes a patch of one image's gradient and, through Adam's per-pixel normalization, its
-# update by up to ~4% of the step size (L2: 1.3e-4). The supernet's gradients at
-# initialization are ill-conditioned on some tensors: on the check path both float32 sides
-# are 2e-3 (torch) to 5e-3 (JAX) from float64 on layer 2's Xception choice, 5.5e-3 apart.
-# Real differences (a wrong window or flip for one image of 128, learning rate, beta, loss
-# weight) are >= ~1e-1 in L2.
-LOGITS_TOL = 1e-4  # max |logit difference| / max(1, max |logit|)
-LOSS_RTOL = 1e-4   # |loss difference| / |loss|, the total and every term
-UPDATE_RTOL = 2e-2  # ||update difference|| / ||update||, per compared tensor
-
-
-class ParityError(AssertionError):
-  """The two implementations do not compute the same thing."""
-
-
-def _rel(a: float, b: float) -> float:
-  return abs(a - b) / max(abs(a), 1e-12)
-
-
-# --- Flax variables -> torch modules ---------------------------------------------------------
-
-def torch_layout(x) -> np.ndarray:
-  """Flax HWIO convolution / [in, out] dense kernels -> torch OIHW / [out, in]."""
-  x = np.array(x, np.float32)  # a writable copy (torch.from_numpy warns on read-only)
-  return np.ascontiguousarray(x.transpose(3, 2, 0, 1) if x.ndim == 4 else x.T if x.ndim == 2
-                              else x)
-
-
-def load_flax_variables(module: tnn.Module, variables) -> None:
-  """Copies Flax {'params', 'batch_stats'} into `module`, which they must cover exactly."""
-  state = module.state_dict()
-  expected = {k for k in state if not k.endswith('num_batches_tracked')}
-  problems, done = [], set()
-  for key, value in teachers.flatten_variables(variables).items():
-    name, value = convert.torch_key(tuple(key.split('/'))), torch_layout(value)
-    if name not in state:
-      problems.append(f'{key} -> {name}: no such torch tensor')
-    elif tuple(state[name].shape) != value.shape:
-      problems.append(f'{key} -> {name}: shape {value.shape}, torch {tuple(state[name].shape)}')
-    else:
-      with torch.no_grad():
-        state[name].copy_(torch.from_numpy(value))
-      done.add(name)
-  problems += [f'{name}: not set from the Flax variables' for name in sorted(expected - done)]
-  if problems:
-    raise ValueError('Flax variables do not fit the torch module:\n  ' + '\n  '.join(problems))
-
-
-# --- PyTorch modules -------------------------------------------------------------------------
-
-class TorchBasicBlock(tnn.Module):
-  """models.resnet.BasicBlock."""
-
-  def __init__(self, cin: int, cout: int, stride: int):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-    self.bn1 = tnn.BatchNorm2d(cout)
-    self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-    self.bn2 = tnn.BatchNorm2d(cout)
-    self.downsample = None
-    if stride != 1 or cin != cout:
-      self.downsample = tnn.Sequential(tnn.Conv2d(cin, cout, 1, stride, bias=False),
-                                       tnn.BatchNorm2d(cout))
-
-  def forward(self, x):
-    y = F.relu(self.bn1(self.conv1(x)))
-    y = self.bn2(self.conv2(y))
-    # The shortcut after the main branch, as in Flax: BatchNorms run in the same order.
-    return F.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
-class TorchCifarResNet(tnn.Module):
-  """A Flax CIFAR ResNet (`models.resnet.ResNet`, stem 'cifar'): NCHW images in [0, 1]."""
-
-  def __init__(self, module: resnet.ResNet):
-    super().__init__()
-    if module.stem != 'cifar' or module.block is not resnet.BasicBlock:
-      raise ValueError(f'Only CIFAR-stem BasicBlock ResNets have a torch twin here, got {module}')
-    self.register_buffer('mean', torch.tensor(module.mean).view(1, 3, 1, 1), persistent=False)
-    self.register_buffer('std', torch.tensor(module.std).view(1, 3, 1, 1), persistent=False)
-    self.conv1 = tnn.Conv2d(3, module.widths[0], 3, 1, 1, bias=False)
-    self.bn1 = tnn.BatchNorm2d(module.widths[0])
-    cin = module.widths[0]
-    for stage, (blocks, width) in enumerate(zip(module.stage_sizes, module.widths)):
-      layer = []
-      for i in range(blocks):
-        layer.append(TorchBasicBlock(cin, width, 2 if stage > 0 and i == 0 else 1))
-        cin = width
-      setattr(self, f'layer{stage + 1}', tnn.Sequential(*layer))
-    self.num_stages = len(module.stage_sizes)
-    self.fc = tnn.Linear(cin, module.num_classes)
-
-  def forward(self, images):
-    x = F.relu(self.bn1(self.conv1((images - self.mean) / self.std)))
-    for stage in range(self.num_stages):
-      x = getattr(self, f'layer{stage + 1}')(x)
-    return self.fc(x.mean((2, 3)))
 
 
 class TorchChoiceBlock(tnn.Module):
@@ -256,52 +172,6 @@ class TorchSupernet(tnn.Module):
     return self.fc(x)
 
 
-def nchw(x) -> torch.Tensor:
-  return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))
-
-
-_jit_apply = jax.jit(lambda apply_fn, variables, x: apply_fn(variables, x, train=False),
-                     static_argnums=0)
-
-
-def check_teacher_logits(module, variables, torch_teacher, images) -> float:
-  """The teachers' logits on NHWC `images` agree: the relative max difference."""
-  ref = np.asarray(_jit_apply(module.apply, variables, jnp.asarray(images)))
-  with torch.no_grad():
-    out = torch_teacher.eval()(nchw(images)).numpy()
-  diff = float(np.abs(ref - out).max() / max(1.0, np.abs(ref).max()))
-  if not diff <= LOGITS_TOL:
-    raise ParityError(f'Teacher logits differ: max |JAX - torch| / max(1, max |logit|) = '
-                      f'{diff:.3g} > {LOGITS_TOL:g}: the weight conversion or the torch module '
-                      'is wrong.')
-  return diff
-
-
-def _check_losses(row, step, jax_terms, torch_terms):
-  """Relative differences of every loss term; ParityError when one is out of tolerance."""
-  diffs = {k: _rel(jax_terms[k], torch_terms[k]) for k in jax_terms}
-  bad = {k: (jax_terms[k], torch_terms[k]) for k, d in diffs.items() if not d <= LOSS_RTOL}
-  if bad:
-    shown = ', '.join(f'{k}: JAX {a:.7g} torch {b:.7g}' for k, (a, b) in bad.items())
-    raise ParityError(f'{row}, step {step}: losses differ beyond rtol {LOSS_RTOL:g} ({shown}).')
-  return max(diffs.values())
-
-
-def _check_update(row, what, jax_delta, torch_delta):
-  """(relative L2 difference, relative max difference) of two updates of one tensor."""
-  jax_delta, torch_delta = np.asarray(jax_delta, np.float64), np.asarray(torch_delta, np.float64)
-  diff = jax_delta - torch_delta
-  norm, diff_norm = np.linalg.norm(jax_delta), np.linalg.norm(diff)
-  rel = diff_norm / norm if norm > 0 else (0.0 if diff_norm == 0 else float('inf'))
-  peak = np.abs(jax_delta).max()
-  rel_max = np.abs(diff).max() / peak if peak > 0 else rel
-  if not rel <= UPDATE_RTOL:
-    raise ParityError(f'{row}: the update of {what} differs: ||JAX - torch|| / ||JAX|| = '
-                      f'{rel:.3g} > {UPDATE_RTOL:g} (max |JAX - torch| {np.abs(diff).max():.3g}, '
-                      f'max |update| {peak:.3g}).')
-  return float(rel), float(rel_max)
-
-
 # --- Row 1: the inversion update -------------------------------------------------------------
 
 def synthesis_lr(s: inversion.Settings, stage_steps: int) -> optax.Schedule:
@@ -316,7 +186,7 @@ class TorchInversion:
   """The inversion update in PyTorch: the loss terms of `Inverter.loss_terms` (BN statistics
   from forward hooks on every BatchNorm), then Adam, then clipping to the image range."""
 
-  def __init__(self, teacher: TorchCifarResNet, s: inversion.Settings, mean, std, lrs):
+  def __init__(self, teacher: tp.TorchCifarResNet, s: inversion.Settings, mean, std, lrs):
     if not s.regional_update:
       raise ValueError('The torch inversion here implements the regional update only.')
     self.teacher = teacher.eval().requires_grad_(False)  # only the canvases get gradients
@@ -337,7 +207,7 @@ class TorchInversion:
     self.stats.append((mean, var, module.running_mean, module.running_var))
 
   def new_canvas(self, canvas_nhwc):
-    canvas = nchw(canvas_nhwc).requires_grad_(True)
+    canvas = tp.nchw(canvas_nhwc).requires_grad_(True)
     return canvas, torch.optim.Adam([canvas], lr=self.lrs[0], betas=(self.s.beta1, self.s.beta2),
                                     eps=self.s.eps)
 
@@ -414,8 +284,8 @@ class SynthesisBench:
     self.config = (f'{spec.name}, batch {batch_size}, canvas {s.canvas}, window {s.window}, '
                    f'full resolution ({self.stage_steps}-step stage), Adam lr {s.lr}')
 
-    self.torch_teacher = TorchCifarResNet(self.module)
-    load_flax_variables(self.torch_teacher, self.variables)
+    self.torch_teacher = tp.TorchCifarResNet(self.module)
+    tp.load_flax_variables(self.torch_teacher, self.variables)
     schedule = synthesis_lr(s, self.stage_steps)
     lrs = [float(v) for v in jax.vmap(schedule)(jnp.arange(self.stage_steps + 1))]
     self.torch = TorchInversion(self.torch_teacher, s, self.module.mean, self.module.std, lrs)
@@ -443,7 +313,7 @@ class SynthesisBench:
     s = self.settings
     centre = (s.canvas - s.window) // 2
     pixels = canvas0[:, centre:centre + s.window, centre:centre + s.window]
-    result = {'logits': check_teacher_logits(
+    result = {'logits': tp.check_teacher_logits(
         self.module, self.variables, self.torch_teacher,
         np.clip(pixels * np.asarray(self.module.std) + np.asarray(self.module.mean), 0, 1))}
     canvas, opt = self.torch.new_canvas(canvas0)
@@ -459,9 +329,9 @@ class SynthesisBench:
       weights = dict(s.weights)
       for terms in (jax_terms, torch_terms):
         terms['total'] = sum(weights.get(k, 0.0) * terms[k] for k in inversion.LOSS_TERMS)
-      result[f'loss_step{step}'] = _check_losses(self.name, step, jax_terms, torch_terms)
+      result[f'loss_step{step}'] = tp.check_losses(self.name, step, jax_terms, torch_terms)
       losses.append((jax_terms['total'], torch_terms['total']))
-    result['update'] = _check_update(
+    result['update'] = tp.check_update(
         self.name, f'the canvases after {num_steps} steps',
         self._host_canvas(carry[0]).transpose(0, 3, 1, 2) - canvas0.transpose(0, 3, 1, 2),
         canvas.detach().numpy() - canvas0.transpose(0, 3, 1, 2))
@@ -486,9 +356,10 @@ class SynthesisBench:
     losses = '; '.join(f'step {i}: JAX {a:.6f}, torch {b:.6f}'
                        for i, (a, b) in enumerate(r['losses']))
     worst = max(v for k, v in r.items() if k.startswith('loss_step'))
-    return (f'teacher logits rel max diff {r["logits"]:.2e} (tol {LOGITS_TOL:g}); loss {losses}; '
-            f'worst term rel diff {worst:.2e} (tol {LOSS_RTOL:g}); canvas update after '
-            f'{len(r["losses"])} steps: rel L2 diff {r["update"][0]:.2e} (tol {UPDATE_RTOL:g}), '
+    return (f'teacher logits rel max diff {r["logits"]:.2e} (tol {tp.LOGITS_TOL:g}); '
+            f'loss {losses}; '
+            f'worst term rel diff {worst:.2e} (tol {tp.LOSS_RTOL:g}); canvas update after '
+            f'{len(r["losses"])} steps: rel L2 diff {r["update"][0]:.2e} (tol {tp.UPDATE_RTOL:g}), '
             f'max |diff| / max |update| {r["update"][1]:.2e}')
 
 
@@ -511,20 +382,40 @@ def band_paths(space: spos_lib.SearchSpace, num_classes: int, flops_min: float,
 
 
 class SupernetBench:
-  """`steps.pmap_train_step` as `nas/spos.py` runs it (via trainer.fit), and its torch twin."""
-  name = 'spos_supernet'
+  """`steps.pmap_train_step` as `nas/spos.py` runs it (via trainer.fit), and its torch twin.
 
-  def __init__(self, batch_size: int = 0, space: str = '', config=None):
-    config = config or spos_config.get_config()
-    s = self.train_config = config.supernet
-    space = space or config.space
+  On the SPOS spaces; a subclass runs another one-shot space through the same machinery
+  by overriding `preset` (of configs/spos.py), `search_space`, `draw_paths`, `check_path`
+  and `torch_supernet`.
+  """
+  name = 'spos_supernet'
+  preset = ''
+  draws_paths = True  # run_row: `timers(count)` draws one path per timed pair
+
+  def search_space(self, space: str):
+    """What `draw_paths` and `torch_supernet` need of the space named `space`."""
     if space not in spos_lib.SPACES:
       raise ValueError(f'space={space!r}: this row runs the SPOS spaces {sorted(spos_lib.SPACES)}')
+    return spos_lib.SPACES[space]
+
+  def draw_paths(self, count: int, rng: np.random.Generator):
+    return band_paths(self.space, self.classes, *self.band, rng, count)
+
+  def check_path(self, seed: int):
+    return self.draw_paths(1, np.random.default_rng(seed))[0]
+
+  def torch_supernet(self) -> tnn.Module:
+    return TorchSupernet(self.space, self.classes, self.model.dropout)
+
+  def __init__(self, batch_size: int = 0, space: str = '', config=None):
+    config = config or spos_config.get_config(self.preset)
+    s = self.train_config = config.supernet
+    space = space or config.space
+    self.space = self.search_space(space)
     if s.warmup_epochs:
       raise ValueError('warmup_epochs > 0 needs the data set size; the benchmark has none.')
     if s.loss != 'distillation' or config.soft_labels != 'teacher':
       raise ValueError('This row times distillation from the teacher computed in the step.')
-    self.space = spos_lib.SPACES[space]
     self.batch = batch_size or s.batch_size
     self.teacher_module, self.teacher_variables, spec = teachers.load(config.teacher)
     if spec.image_size != s.image_size:
@@ -548,23 +439,21 @@ class SupernetBench:
     rng = np.random.default_rng(s.seed)
     self.images = rng.random((self.batch, s.image_size, s.image_size, 3), np.float32)
     self.r_images = steps_lib.replicate(self.images, self.devices)
-    band = (config.flops_min, config.flops_max) if space == config.space else (0.0, 0.0)
-    self.band = band
-    self.paths = lambda count, seed: band_paths(self.space, self.classes, *band,
-                                                np.random.default_rng(seed), count)
-    self.parity_path = self.paths(1, s.seed)[0]
+    self.band = (config.flops_min, config.flops_max) if space == config.space else (0.0, 0.0)
+    self.paths = lambda count, seed: self.draw_paths(count, np.random.default_rng(seed))
+    self.parity_path = self.check_path(s.seed)
     self.lrs = [float(v) for v in jax.vmap(lr_fn)(jnp.arange(s.num_train_steps + 1))]
     self.config = (f'{space}, batch {self.batch}, {s.image_size} px, distillation T='
                    f'{s.temperature:g} from {spec.name}, SGD lr {s.learning_rate:g} momentum '
                    f'{s.momentum:g} nesterov={s.nesterov} wd {s.weight_decay:g}, dropout '
                    f'{config.dropout:g}; check path {"".join(map(str, self.parity_path))}')
 
-    self.torch_teacher = TorchCifarResNet(self.teacher_module).eval().requires_grad_(False)
-    load_flax_variables(self.torch_teacher, self.teacher_variables)
-    self.torch_model = TorchSupernet(self.space, spec.num_classes, config.dropout).train()
-    load_flax_variables(self.torch_model, {'params': self.state0.params,
-                                           'batch_stats': self.state0.batch_stats})
-    self.torch_images = nchw(self.images)
+    self.torch_teacher = tp.TorchCifarResNet(self.teacher_module).eval().requires_grad_(False)
+    tp.load_flax_variables(self.torch_teacher, self.teacher_variables)
+    self.torch_model = self.torch_supernet().train()
+    tp.load_flax_variables(self.torch_model, {'params': self.state0.params,
+                                              'batch_stats': self.state0.batch_stats})
+    self.torch_images = tp.nchw(self.images)
     self._mask_fn = None
 
   def _batch(self, path):
@@ -627,11 +516,12 @@ class SupernetBench:
     """Teacher logits, then one step on `parity_path` from the same weights (and JAX's
     dropout mask): loss, accuracy and the update of every parameter."""
     path = self.parity_path
-    result = {'logits': check_teacher_logits(self.teacher_module, self.teacher_variables,
-                                             self.torch_teacher, self.images)}
+    result = {'logits': tp.check_teacher_logits(self.teacher_module, self.teacher_variables,
+                                                self.torch_teacher, self.images)}
     saved = copy.deepcopy(self.torch_model.state_dict())
     try:
-      mask = torch.from_numpy(self.jax_dropout_mask(path))
+      # Without dropout the model has no Dropout module to take a mask from.
+      mask = torch.from_numpy(self.jax_dropout_mask(path)) if self.model.dropout else None
       rstate = steps_lib.replicate(self.state0, self.devices)
       rstate, metrics = self.p_step(rstate, self._batch(path), self.r_teacher)
       m = flax.jax_utils.unreplicate(metrics).compute()
@@ -639,8 +529,8 @@ class SupernetBench:
                                        path, 0, mask)
       result['losses'] = [(float(m['loss']), float(loss))]
       result['accuracy'] = (float(m['accuracy']), float(accuracy))
-      result['loss'] = _check_losses(self.name, 0, {'loss': float(m['loss'])},
-                                     {'loss': float(loss)})
+      result['loss'] = tp.check_losses(self.name, 0, {'loss': float(m['loss'])},
+                                       {'loss': float(loss)})
       new = teachers.flatten_variables(
           {'params': jax.device_get(flax.jax_utils.unreplicate(rstate.params))})
       old = teachers.flatten_variables({'params': self.state0.params})
@@ -648,9 +538,9 @@ class SupernetBench:
       worst, worst_key, worst_max = (0.0, 0.0), None, 0.0
       for key, value in new.items():  # every parameter: off the path both must stay put
         name = convert.torch_key(tuple(key.split('/')))
-        rel = _check_update(self.name, f'{key} (path {path})',
-                            torch_layout(value) - torch_layout(old[key]),
-                            (torch_params[name].detach() - saved[name]).numpy())
+        rel = tp.check_update(self.name, f'{key} (path {path})',
+                              tp.torch_layout(value) - tp.torch_layout(old[key]),
+                              (torch_params[name].detach() - saved[name]).numpy())
         worst_max = max(worst_max, rel[1])
         if rel[0] >= worst[0]:
           worst, worst_key = rel, key
@@ -680,31 +570,53 @@ class SupernetBench:
   def describe_check(self, r) -> str:
     (a, b), = r['losses']
     return (f'path {"".join(map(str, self.parity_path))}: teacher logits rel max diff '
-            f'{r["logits"]:.2e} (tol {LOGITS_TOL:g}); loss JAX {a:.6f}, torch {b:.6f}, rel diff '
-            f'{r["loss"]:.2e} (tol {LOSS_RTOL:g}); accuracy JAX {r["accuracy"][0]:.4f}, torch '
+            f'{r["logits"]:.2e} (tol {tp.LOGITS_TOL:g}); loss JAX {a:.6f}, torch {b:.6f}, rel diff '
+            f'{r["loss"]:.2e} (tol {tp.LOSS_RTOL:g}); accuracy JAX {r["accuracy"][0]:.4f}, torch '
             f'{r["accuracy"][1]:.4f}; parameter updates: worst rel L2 diff {r["update"][0]:.2e} '
-            f'at {r["update_worst"]} (tol {UPDATE_RTOL:g}), worst max |diff| / max |update| '
+            f'at {r["update_worst"]} (tol {tp.UPDATE_RTOL:g}), worst max |diff| / max |update| '
             f'{r["update_max"]:.2e}')
 
 
-ROWS = {'synthesis': SynthesisBench, 'spos_supernet': SupernetBench}
+# --- Row 3: the SPOS supernet step on NAS-Bench-201 ------------------------------------------
+
+class NB201SupernetBench(SupernetBench):
+  """`SupernetBench` on the NAS-Bench-201 space as configs/spos.py:nb201 trains it: the path
+  is the cell architecture (one op per edge, the same in every cell); the torch twin is
+  `torch_nb201.TorchNB201Supernet`."""
+  name = 'nb201_supernet'
+  preset = 'nb201'
+  # Every op type: node 1 = 3x3 conv of the input, node 2 = 1x1 conv of the input + skip of
+  # node 1, node 3 = avg pool of the input + 1x1 conv of node 1 + none of node 2. Node 2's
+  # 1x1 conv is on the path but gets a zero gradient (only 'none' reads node 2): its update
+  # is weight decay and momentum alone, on both sides (torch_nb201.TorchZero).
+  CHECK_PATH = (3, 2, 1, 4, 2, 0)
+
+  def search_space(self, space: str):
+    if not nb201.is_name(space) or nb201.parse_name(space)[2] is not None:
+      raise ValueError(f"space={space!r}: this row runs NB201 supernets 'nb201[-<C>x<N>]'.")
+    return space
+
+  def draw_paths(self, count: int, rng: np.random.Generator):
+    """Uniform over all cells, as the preset's path_sampling='uniform' with no FLOPs band."""
+    if any(b > 0 for b in self.band):
+      raise ValueError(f'FLOPs band {self.band}: this row draws uniformly over all cells.')
+    return [tuple(int(op) for op in rng.integers(len(nb201.OPS), size=nb201.NUM_EDGES))
+            for _ in range(count)]
+
+  def check_path(self, seed: int):
+    return self.CHECK_PATH
+
+  def torch_supernet(self) -> tnn.Module:
+    return torch_nb201.TorchNB201Supernet(self.model)
+
+
+ROWS = {'synthesis': SynthesisBench, 'spos_supernet': SupernetBench,
+        'nb201_supernet': NB201SupernetBench,
+        'proxyless_weight': compare_torch_proxyless.ProxylessWeightBench,
+        'proxyless_arch': compare_torch_proxyless.ProxylessArchBench}
 
 
 # --- Timing ----------------------------------------------------------------------------------
-
-def interleaved(jax_call, torch_call, repeats: int, warmup: int):
-  """ms of every call of each side, calls alternating JAX, torch, JAX, ... (warm-up first)."""
-  jax_ms, torch_ms = [], []
-  for i in range(warmup + repeats):
-    start = time.perf_counter()
-    jax_call(i)
-    middle = time.perf_counter()
-    torch_call(i)
-    end = time.perf_counter()
-    jax_ms.append((middle - start) * 1e3)
-    torch_ms.append((end - middle) * 1e3)
-  return jax_ms, torch_ms
-
 
 def run_row(bench, repeats: int, warmup: int):
   """(row dict, parity result, description lines) of one built row (`ROWS[name](...)`):
@@ -712,13 +624,13 @@ def run_row(bench, repeats: int, warmup: int):
   name = bench.name
   parity = bench.check()
   lines = [f'{name} parity: {bench.describe_check(parity)}']
-  if name == 'spos_supernet':
+  if getattr(bench, 'draws_paths', False):
     jax_call, torch_call, paths = bench.timers(warmup + repeats)
     lines.append(f'{name} timed paths (one per pair, warm-up first): '
                  + ' '.join(''.join(map(str, p)) for p in paths))
   else:
     jax_call, torch_call = bench.timers()
-  jax_all, torch_all = interleaved(jax_call, torch_call, repeats, warmup)
+  jax_all, torch_all = tp.interleaved(jax_call, torch_call, repeats, warmup)
   lines.append(f'{name} ms per call, warm-up first: JAX ' + ' '.join(f'{t:.0f}' for t in jax_all)
                + '; torch ' + ' '.join(f'{t:.0f}' for t in torch_all))
   jax_ms, torch_ms = (float(np.median(t[warmup:])) for t in (jax_all, torch_all))
@@ -752,13 +664,19 @@ def main(_):
   print(f'Median of --repeats={FLAGS.repeats} interleaved calls per side after '
         f'--warmup={FLAGS.warmup} pairs; one call = one update (forward + backward + optimizer).')
   overrides = {'synthesis': dict(batch_size=FLAGS.synthesis_batch_size),
-               'spos_supernet': dict(batch_size=FLAGS.supernet_batch_size, space=FLAGS.space)}
+               'spos_supernet': dict(batch_size=FLAGS.supernet_batch_size, space=FLAGS.space),
+               'nb201_supernet': dict(batch_size=FLAGS.supernet_batch_size),
+               'proxyless_weight': dict(batch_size=FLAGS.proxyless_batch_size,
+                                        space=FLAGS.proxyless_space),
+               'proxyless_arch': dict(batch_size=FLAGS.proxyless_batch_size,
+                                      space=FLAGS.proxyless_space,
+                                      cost_model=FLAGS.proxyless_cost_model)}
   rows = []
   for name in FLAGS.steps:
     row_start = time.perf_counter()
     try:
       row, _, lines = run_row(ROWS[name](**overrides[name]), FLAGS.repeats, FLAGS.warmup)
-    except ParityError as e:
+    except tp.ParityError as e:
       raise SystemExit(f'Parity check failed, nothing timed for {name}: {e}') from e
     print('\n'.join(lines))
     print(f'{name}: {time.perf_counter() - row_start:.0f} s (build, compile, check, time); '
@@ -779,7 +697,12 @@ if __name__ == '__main__':
   flags.DEFINE_integer('threads', len(os.sched_getaffinity(0)), 'torch intra-op threads.')
   flags.DEFINE_string('json', None, 'Also write the rows to this JSON file.')
   flags.DEFINE_integer('synthesis_batch_size', 128, 'Images per synthesis update.')
-  flags.DEFINE_integer('supernet_batch_size', 0, "Supernet batch (0: the config's, 32).")
+  flags.DEFINE_integer('supernet_batch_size', 0,
+                       "Supernet rows' batch (0: each config's, 32 SPOS, 64 NB201).")
   flags.DEFINE_string('space', '', "SPOS space of the supernet row ('': the config's).")
+  flags.DEFINE_integer('proxyless_batch_size', 0, "ProxylessNAS rows' batch (0: the config's, 16).")
+  flags.DEFINE_string('proxyless_space', '', "ProxylessNAS rows' space ('': the config's).")
+  flags.DEFINE_string('proxyless_cost_model', '', "proxyless_arch's cost table: latency | flops | "
+                      "none ('': the config's, latency).")
   FLAGS = flags.FLAGS
   app.run(main)
