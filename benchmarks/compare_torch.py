@@ -473,8 +473,7 @@ class SupernetBench:
     with torch.no_grad():
       teacher_logits = self.torch_teacher(self.torch_images)
     logits = model(self.torch_images, path, dropout_mask)
-    t = self.temperature
-    loss = -(F.softmax(teacher_logits / t, -1) * F.log_softmax(logits / t, -1)).sum(-1).mean()
+    loss = tp.distillation(logits, teacher_logits, self.temperature)
     opt.zero_grad(set_to_none=True)  # choices off the path get no gradient: SGD skips them
     loss.backward()
     if self.train_config.grad_clip > 0:

@@ -206,10 +206,6 @@ class TorchProxylessNet(tnn.Module):
     return self.head(x)
 
 
-def distillation(logits, teacher_logits, t: float):
-  return -(F.softmax(teacher_logits / t, -1) * F.log_softmax(logits / t, -1)).sum(-1).mean()
-
-
 def digits(choices) -> str:
   return ''.join(str(int(c)) for c in choices)
 
@@ -285,10 +281,7 @@ class ProxylessWeightBench(_ProxylessBench):
   def __init__(self, batch_size: int = 0, space: str = '', config=None):
     super().__init__(batch_size, space, config)
     c = self.search_config
-    self.p_step = jax.pmap(functools.partial(
-        binary_gates.weight_step, seed=c.seed, allowed=self.allowed, learning_rate_fn=self.lr_fn,
-        loss=c.loss, temperature=c.temperature, teacher_apply=self.teacher.apply,
-        dropout_rng=jax.random.PRNGKey(c.seed + 2)), axis_name=steps.AXIS, donate_argnums=(0,))
+    self.p_step = binary_gates.pmap_weight_step(c, self.allowed, self.lr_fn, self.teacher.apply)
     self._sample = jax.jit(lambda step: binary_gates.sample_path(
         jax.random.fold_in(jax.random.PRNGKey(c.seed), step), self.state0.alphas, self.allowed))
     self.lrs = np.asarray(jax.vmap(self.lr_fn)(jnp.arange(self.num_steps + 1))).tolist()
@@ -317,7 +310,7 @@ class ProxylessWeightBench(_ProxylessBench):
     """One weight step of `model` on `path`; returns (loss, accuracy) as tensors."""
     teacher_logits = self.teacher_logits()
     logits = model(self.torch_images, path=path)
-    loss = distillation(logits, teacher_logits, self.temperature)
+    loss = tp.distillation(logits, teacher_logits, self.temperature)
     opt.zero_grad(set_to_none=True)  # candidates off the path get no gradient: SGD skips them
     loss.backward()
     for group in opt.param_groups:
@@ -427,11 +420,8 @@ class ProxylessArchBench(_ProxylessBench):
     self.mode = c.binary_mode
     c.latency_cache = latency_cache or c.latency_cache or LATENCY_CACHE  # no work directory
     self.cost, self.cost_loss = binary_gates.cost_setup(c, self.space, self.classes, workdir='')
-    self.p_step = jax.pmap(functools.partial(
-        binary_gates.arch_step, seed=c.seed, allowed=self.allowed, mode=self.mode,
-        arch_tx=self.arch_tx, cost=self.cost, cost_loss=self.cost_loss, loss=c.loss,
-        temperature=c.temperature, teacher_apply=self.teacher.apply),
-        axis_name=steps.AXIS, donate_argnums=(0,))
+    self.p_step = binary_gates.pmap_arch_step(c, self.allowed, self.arch_tx, self.cost,
+                                              self.cost_loss, self.teacher.apply)
     self._binarize = jax.jit(lambda step: binary_gates.binarize(
         jax.random.fold_in(jax.random.PRNGKey(c.seed + 1), step), self.state0.alphas,
         self.allowed, self.mode))
@@ -491,7 +481,7 @@ class ProxylessArchBench(_ProxylessBench):
     gates = torch.tensor(gate_list, dtype=torch.float32, requires_grad=True)
     a = torch.stack(list(alphas))
     logits = self.torch_model(self.torch_images, gates=gates, paths=paths)
-    task = distillation(logits, teacher_logits, self.temperature)
+    task = tp.distillation(logits, teacher_logits, self.temperature)
     if paths is None:
       probs = F.softmax(a.masked_fill(~self.torch_allowed, -float('inf')), -1)
     else:

@@ -122,6 +122,11 @@ class TorchCifarResNet(tnn.Module):
     return self.fc(x.mean((2, 3)))
 
 
+def distillation(logits, teacher_logits, t: float) -> torch.Tensor:
+  """The soft-label loss of `steps.train_step` (loss='distillation') at temperature t."""
+  return -(F.softmax(teacher_logits / t, -1) * F.log_softmax(logits / t, -1)).sum(-1).mean()
+
+
 def nchw(x) -> torch.Tensor:
   return torch.from_numpy(np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 3, 1, 2)))
 

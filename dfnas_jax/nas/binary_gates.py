@@ -13,6 +13,7 @@ logits is estimated from the gates' gradient,
 over the involved candidates. See nas/proxyless.py for the 'two' mode's details.
 """
 import dataclasses
+import functools
 import os
 from typing import Optional, Tuple
 
@@ -239,6 +240,23 @@ def weight_optimizer(config, lr_fn: optax.Schedule) -> optax.GradientTransformat
     return state_lib.sgd(lr_fn, config.momentum, config.weight_decay, config.nesterov)
   return optax.chain(optax.add_decayed_weights(config.weight_decay),
                      optax.sgd(lr_fn, momentum=config.momentum, nesterov=config.nesterov))
+
+
+def pmap_weight_step(config, allowed, learning_rate_fn: optax.Schedule, teacher_apply=None):
+  """`weight_step` as the search runs it: pmap-ed, the state donated."""
+  return jax.pmap(functools.partial(
+      weight_step, seed=config.seed, allowed=allowed, learning_rate_fn=learning_rate_fn,
+      loss=config.loss, temperature=config.temperature, teacher_apply=teacher_apply,
+      dropout_rng=jax.random.PRNGKey(config.seed + 2)), axis_name=steps.AXIS, donate_argnums=(0,))
+
+
+def pmap_arch_step(config, allowed, arch_tx: optax.GradientTransformation,
+                   cost: latency.CostTable, cost_loss: CostLoss, teacher_apply=None):
+  """`arch_step` as the search runs it: pmap-ed, the state donated."""
+  return jax.pmap(functools.partial(
+      arch_step, seed=config.seed, allowed=allowed, mode=config.binary_mode, arch_tx=arch_tx,
+      cost=cost, cost_loss=cost_loss, loss=config.loss, temperature=config.temperature,
+      teacher_apply=teacher_apply), axis_name=steps.AXIS, donate_argnums=(0,))
 
 
 def arch_steps_until(config, warmup_steps: int, steps_per_epoch: int, step: int) -> int:

@@ -113,15 +113,9 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
 
   teacher_apply = teacher and teacher[0].apply
   extra_args = (steps.replicate(teacher[1]),) if teacher else ()
-  p_weight_step = jax.pmap(functools.partial(
-      binary_gates.weight_step, seed=config.seed, allowed=allowed, learning_rate_fn=lr_fn,
-      loss=config.loss, temperature=config.temperature, teacher_apply=teacher_apply,
-      dropout_rng=jax.random.PRNGKey(config.seed + 2)), axis_name=steps.AXIS, donate_argnums=(0,))
-  p_arch_step = jax.pmap(functools.partial(
-      binary_gates.arch_step, seed=config.seed, allowed=allowed, mode=config.binary_mode,
-      arch_tx=arch_tx, cost=cost, cost_loss=cost_loss, loss=config.loss,
-      temperature=config.temperature, teacher_apply=teacher_apply),
-      axis_name=steps.AXIS, donate_argnums=(0,))
+  p_weight_step = binary_gates.pmap_weight_step(config, allowed, lr_fn, teacher_apply)
+  p_arch_step = binary_gates.pmap_arch_step(config, allowed, arch_tx, cost, cost_loss,
+                                            teacher_apply)
 
   def batches(source, seed, start):
     return flax.jax_utils.prefetch_to_device(
