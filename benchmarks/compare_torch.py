@@ -19,7 +19,7 @@ Measured on 2 cores beside a job using ~1.6 of them, the torch synthesis step to
 was lighter; JAX's took 0.25-0.40 s. So time on an idle machine, or set OMP_WAIT_POLICY=PASSIVE
 in the environment; the header prints the load average and that variable.
 
-Rows (more, e.g. the DARTS search step, come later):
+Rows:
   synthesis      one inversion update as configs/synthesize.py makes it: the shipped
                  cifar10_resnet20, batch 128, canvas 40 / window 32 (a random window and
                  flip per image), every loss term at its default weight, Adam; forward +
@@ -44,6 +44,15 @@ Rows (more, e.g. the DARTS search step, come later):
                  (mul_log; the latency table measured here as the search measures it,
                  cached in the temp directory), the binary-gate estimator, Adam per layer.
                  Both rows and their torch twin: benchmarks/compare_torch_proxyless.py.
+  darts_second_order one step of the DARTS search as configs/darts.py runs it (C=8, 3
+                 cells, 16 px, batch 16): the architecture step on a val batch (the
+                 hypergradient through a virtual weight step, --darts_mode: exact, the
+                 config's, or finite_difference; Adam on the logits), then the weight step on
+                 a train batch with the updated logits (distillation from the teacher
+                 computed in the step, SGD momentum, clipping). The torch twin runs the
+                 reference's finite-difference step; parity holds exactly against JAX's
+                 finite_difference, while 'exact' reports how far its hypergradient is.
+                 Row and twin: benchmarks/compare_torch_darts.py, benchmarks/torch_darts.py.
 
 Differences that leave the work the same: torch holds images NCHW (converted once, outside
 the timed step); while timing it draws its own windows, flips and dropout masks (the check
@@ -53,21 +62,24 @@ where Flax keeps the biased one (running statistics are not compared).
 Imports nothing that imports TensorFlow (the accelerator machines have none), so what lives
 in TensorFlow-importing modules is restated here: the optimizer `trainer.fit` builds, and
 paths drawn uniformly in the FLOPs band instead of `nas.spos.PathSampler`; the ProxylessNAS
-steps in benchmarks/compare_torch_proxyless.py.
+steps in benchmarks/compare_torch_proxyless.py, the DARTS one in compare_torch_darts.py.
 """
 import copy
 import json
 import os
+import tempfile
 import time
 
 os.environ['JAX_PLATFORMS'] = 'cpu'  # before JAX starts: both sides on the CPU
 
+import compare_torch_darts  # pylint: disable=wrong-import-position  # benchmarks/
 import compare_torch_proxyless  # pylint: disable=wrong-import-position  # benchmarks/
 import flax.jax_utils  # pylint: disable=wrong-import-position
 import flax.linen as nn  # pylint: disable=wrong-import-position
 import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
+import op_profile  # pylint: disable=wrong-import-position  # benchmarks/
 import optax  # pylint: disable=wrong-import-position
 import torch  # pylint: disable=wrong-import-position
 import torch.nn.functional as F  # pylint: disable=wrong-import-position
@@ -612,14 +624,16 @@ class NB201SupernetBench(SupernetBench):
 ROWS = {'synthesis': SynthesisBench, 'spos_supernet': SupernetBench,
         'nb201_supernet': NB201SupernetBench,
         'proxyless_weight': compare_torch_proxyless.ProxylessWeightBench,
-        'proxyless_arch': compare_torch_proxyless.ProxylessArchBench}
+        'proxyless_arch': compare_torch_proxyless.ProxylessArchBench,
+        'darts_second_order': compare_torch_darts.DartsSecondOrderBench}
 
 
 # --- Timing ----------------------------------------------------------------------------------
 
-def run_row(bench, repeats: int, warmup: int):
+def run_row(bench, repeats: int, warmup: int, profile_calls: int = 0, hlo_dir: str = ''):
   """(row dict, parity result, description lines) of one built row (`ROWS[name](...)`):
-  the parity check, then timing."""
+  the parity check, then timing; then, with `profile_calls`, both sides' profiles of the
+  last timed calls (`hlo_dir`: where XLA dumped the optimized HLO, `op_profile.dump_flags`)."""
   name = bench.name
   parity = bench.check()
   lines = [f'{name} parity: {bench.describe_check(parity)}']
@@ -632,6 +646,10 @@ def run_row(bench, repeats: int, warmup: int):
   jax_all, torch_all = tp.interleaved(jax_call, torch_call, repeats, warmup)
   lines.append(f'{name} ms per call, warm-up first: JAX ' + ' '.join(f'{t:.0f}' for t in jax_all)
                + '; torch ' + ' '.join(f'{t:.0f}' for t in torch_all))
+  if profile_calls:
+    calls = list(range(warmup + repeats))[-profile_calls:]  # paths already compiled and run
+    lines.append(op_profile.summary(name, *op_profile.jax_profile(jax_call, calls, hlo_dir),
+                                    *op_profile.torch_profile(torch_call, calls)))
   jax_ms, torch_ms = (float(np.median(t[warmup:])) for t in (jax_all, torch_all))
   row = {'step': name, 'config': bench.config, 'jax_ms': jax_ms, 'torch_ms': torch_ms,
          'ratio': torch_ms / jax_ms}
@@ -649,6 +667,11 @@ def main(_):
   unknown = sorted(set(FLAGS.steps) - set(ROWS))
   if unknown:
     raise app.UsageError(f'--steps: unknown rows {unknown}; rows: {sorted(ROWS)}')
+  hlo_dir = ''
+  if FLAGS.profile:  # before the backend starts: XLA reads its flags once
+    hlo_dir = tempfile.mkdtemp(prefix='compare-torch-hlo-')
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' '
+                               + op_profile.dump_flags(hlo_dir))
   if jax.default_backend() != 'cpu':
     raise SystemExit(f'JAX runs on {jax.default_backend()}, not the CPU.')
   torch.set_num_threads(FLAGS.threads)
@@ -669,12 +692,15 @@ def main(_):
                                         space=FLAGS.proxyless_space),
                'proxyless_arch': dict(batch_size=FLAGS.proxyless_batch_size,
                                       space=FLAGS.proxyless_space,
-                                      cost_model=FLAGS.proxyless_cost_model)}
+                                      cost_model=FLAGS.proxyless_cost_model),
+               'darts_second_order': dict(batch_size=FLAGS.darts_batch_size,
+                                          mode=FLAGS.darts_mode)}
   rows = []
   for name in FLAGS.steps:
     row_start = time.perf_counter()
     try:
-      row, _, lines = run_row(ROWS[name](**overrides[name]), FLAGS.repeats, FLAGS.warmup)
+      row, _, lines = run_row(ROWS[name](**overrides[name]), FLAGS.repeats, FLAGS.warmup,
+                              min(FLAGS.profile, FLAGS.repeats), hlo_dir)
     except tp.ParityError as e:
       raise SystemExit(f'Parity check failed, nothing timed for {name}: {e}') from e
     print('\n'.join(lines))
@@ -695,6 +721,8 @@ if __name__ == '__main__':
   flags.DEFINE_integer('warmup', 2, 'Untimed (JAX, torch) pairs before timing.')
   flags.DEFINE_integer('threads', len(os.sched_getaffinity(0)), 'torch intra-op threads.')
   flags.DEFINE_string('json', None, 'Also write the rows to this JSON file.')
+  flags.DEFINE_integer('profile', 0, 'Profile this many of the last timed calls per side and '
+                       'print where the time goes (benchmarks/op_profile.py); 0: none.')
   flags.DEFINE_integer('synthesis_batch_size', 128, 'Images per synthesis update.')
   flags.DEFINE_integer('supernet_batch_size', 0,
                        "Supernet rows' batch (0: each config's, 32 SPOS, 64 NB201).")
@@ -703,5 +731,8 @@ if __name__ == '__main__':
   flags.DEFINE_string('proxyless_space', '', "ProxylessNAS rows' space ('': the config's).")
   flags.DEFINE_string('proxyless_cost_model', '', "proxyless_arch's cost table: latency | flops | "
                       "none ('': the config's, latency).")
+  flags.DEFINE_integer('darts_batch_size', 0, "darts_second_order's batch (0: the config's, 16).")
+  flags.DEFINE_enum('darts_mode', 'exact', list(compare_torch_darts.MODES),
+                    "darts_second_order's hypergradient (the config's: exact).")
   FLAGS = flags.FLAGS
   app.run(main)

@@ -572,14 +572,14 @@ class ProxylessArchBench(_ProxylessBench):
     step set to i so that its draw is the one of step i; torch runs that draw (from the
     initial logits). And the draws."""
     draws = [self.draw(i) for i in range(count)]
-    steps_at = [steps.replicate(np.int32(i), self.devices) for i in range(count)]
     state = {'jax': steps.replicate(self.state0, self.devices)}
     alphas = self.torch_alphas()
     opt = self.torch_optimizer(alphas)
 
     def jax_call(i):
       s = state['jax']
-      s = s.replace(weights=s.weights.replace(step=steps_at[i]))
+      # A new step array per call: the step donates it (a profile repeats an index).
+      s = s.replace(weights=s.weights.replace(step=steps.replicate(np.int32(i), self.devices)))
       state['jax'], _ = jax.block_until_ready(self.p_step(s, self.r_batch, self.r_teacher))
 
     def torch_call(i):

@@ -26,7 +26,7 @@ from dfnas_jax import models  # pylint: disable=wrong-import-position
 from dfnas_jax.configs import darts as darts_config  # pylint: disable=wrong-import-position
 from dfnas_jax.models import darts as darts_space  # pylint: disable=wrong-import-position
 from dfnas_jax.models import layers  # pylint: disable=wrong-import-position
-from dfnas_jax.nas import darts  # pylint: disable=wrong-import-position
+from dfnas_jax.nas import bilevel  # pylint: disable=wrong-import-position
 from dfnas_jax.train import state as state_lib  # pylint: disable=wrong-import-position
 from dfnas_jax.train import steps  # pylint: disable=wrong-import-position
 
@@ -96,16 +96,16 @@ def supernet(batch_size: int, space: str, n_dev: int, dtype, repeats: int):
 def darts_search(channels, cells, size, batch_size, n_dev, dtype, repeats):
   config = darts_config.get_config()
   model = darts_space.DARTSSearchNet(10, channels, cells, dtype=dtype)
-  tx, lr_fn = darts.weight_optimizer(config, 1000)
-  arch_tx = darts.arch_optimizer(config)
+  tx, lr_fn = bilevel.weight_optimizer(config, 1000)
+  arch_tx = bilevel.arch_optimizer(config)
   alphas = darts_space.initial_alphas(jax.random.PRNGKey(1))
   state = state_lib.SearchState(
       weights=state_lib.create_train_state(model, jax.random.PRNGKey(0), size, tx),
       alphas=alphas, arch_opt_state=arch_tx.init(alphas))
-  p_step = darts.pmap_search_step(arch_tx=arch_tx,
-                                  virtual_tx=darts.virtual_step_optimizer(config, lr_fn),
-                                  learning_rate_fn=lr_fn, mode='exact',
-                                  loss='distillation', temperature=3.0)
+  p_step = bilevel.pmap_search_step(arch_tx=arch_tx,
+                                    virtual_tx=bilevel.virtual_step_optimizer(config, lr_fn),
+                                    learning_rate_fn=lr_fn, mode='exact',
+                                    loss='distillation', temperature=3.0)
   train, val = (_batch(n_dev, batch_size // n_dev, size, seed=s) for s in (0, 1))
   rstate = steps.replicate(state, jax.local_devices()[:n_dev])
   flops = synthesis.compiled_flops(p_step, rstate, train, val) * n_dev

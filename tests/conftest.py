@@ -47,10 +47,27 @@ def pytest_unconfigure(config):
 REAL_DATA_FIXTURES = ('data_dir', 'nb201_table_path')
 
 
+# The files that take longest in a full run (docs/benchmarks.md), longest first. xdist
+# hands whole files to the workers in collection order (addopts: --no-loadscope-reorder;
+# its default puts the files with most tests first, so a one-test file of minutes, such as
+# test_multihost.py, started last and ran alone at the end). Longest first keeps both
+# workers busy to the end. A file missing here only runs later; nothing else depends on it.
+LONGEST_FIRST = ('test_darts.py', 'test_multihost.py', 'test_nb201_stages.py', 'test_spos.py',
+                 'test_compare_torch.py', 'test_proxyless.py', 'test_synthesis.py',
+                 'test_mixed_precision.py', 'test_rank_correlation.py', 'test_main.py',
+                 'test_training.py', 'test_nb201.py')
+
+
+def _schedule_rank(item) -> int:
+  name = item.path.name
+  return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
   for item in items:
     if any(f in getattr(item, 'fixturenames', ()) for f in REAL_DATA_FIXTURES):
       item.add_marker(pytest.mark.slow)
+  items.sort(key=_schedule_rank)  # stable: a file's tests keep their order
 
 
 def _require_everything():

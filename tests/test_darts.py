@@ -250,7 +250,7 @@ def test_search_step_virtual_step_is_the_references_unclipped_one(mode):
   (cnn/architect.py), here under a clip norm that would all but zero the gradient."""
   config = darts_config.get_config()
   config.grad_clip, config.weight_decay, config.learning_rate = 1e-6, 0.05, 0.5
-  tx, lr_fn = darts_stage.weight_optimizer(config, 10)
+  tx, lr_fn = bilevel.weight_optimizer(config, 10)
   model = _MixedBranches()
 
   def batch(seed):
@@ -264,8 +264,8 @@ def test_search_step_virtual_step_is_the_references_unclipped_one(mode):
       weights=state_lib.create_train_state(model, None, 0, tx, {'params': params,
                                                                 'batch_stats': {}}),
       alphas=alphas, arch_opt_state=arch_tx.init(alphas))
-  p_step = darts_stage.pmap_search_step(
-      arch_tx=arch_tx, virtual_tx=darts_stage.virtual_step_optimizer(config, lr_fn),
+  p_step = bilevel.pmap_search_step(
+      arch_tx=arch_tx, virtual_tx=bilevel.virtual_step_optimizer(config, lr_fn),
       learning_rate_fn=lr_fn, mode=mode, loss='cross_entropy', temperature=1.0)
   rstate, _, _ = p_step(steps.replicate(state), batch(1), batch(2))  # a momentum buffer
   before = jax.device_get(flax.jax_utils.unreplicate(rstate))

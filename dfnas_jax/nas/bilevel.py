@@ -22,12 +22,20 @@ All of it is a pure function of pytrees, usable inside `jax.pmap` (pass
 `axis_name`: the weight gradient of the virtual step and the results are
 averaged over devices, like the real weight step).
 
-The `darts` stage (dfnas_jax.nas.darts) runs it inside its search step.
+`search_step` is the `darts` stage's step (dfnas_jax.nas.darts): the architecture
+step with that hypergradient, then the weight step. It lives here with its optimizers,
+with no TensorFlow behind it (benchmarks/compare_torch_darts.py times it).
 """
+import functools
 from typing import Any, Callable, Optional, Tuple
 
+import flax
 import jax
 import optax
+from clu import metrics
+
+from dfnas_jax.train import state as state_lib
+from dfnas_jax.train import steps
 
 MODES = ('first_order', 'exact', 'finite_difference')
 
@@ -82,3 +90,93 @@ def hypergradient(loss_fn: LossFn, params, alphas, opt_state, tx: optax.Gradient
   else:
     raise ValueError(f'hypergradient mode must be one of {MODES}, got {mode!r}')
   return mean(value), mean(grads)
+
+
+# --- The search step -------------------------------------------------------------------
+
+AXIS = steps.AXIS
+
+
+@flax.struct.dataclass
+class ArchMetrics(metrics.Collection):
+  val_loss: metrics.Average.from_output('val_loss')
+
+
+def weight_optimizer(config, total_steps: int) -> Tuple[optax.GradientTransformation,
+                                                       optax.Schedule]:
+  """Reference: SGD momentum 0.9, cosine from learning_rate to learning_rate_min, clipping."""
+  lr_fn = optax.cosine_decay_schedule(config.learning_rate, total_steps,
+                                      alpha=config.learning_rate_min / config.learning_rate)
+  tx = optax.chain(optax.clip_by_global_norm(config.grad_clip),
+                   virtual_step_optimizer(config, lr_fn))
+  return tx, lr_fn
+
+
+def virtual_step_optimizer(config, lr_fn: optax.Schedule) -> optax.GradientTransformation:
+  """The weight optimizer without its clipping: the hypergradient's virtual step.
+
+  The reference's virtual step (cnn/architect.py) is w - lr (momentum * buffer + grad
+  + weight_decay * w) on the unclipped gradient (decay on the kernels here, as in the
+  real step). Its state is the weight optimizer's state[1] (the clipping keeps none).
+  """
+  return state_lib.sgd(lr_fn, config.momentum, config.weight_decay, nesterov=False)
+
+
+def arch_optimizer(config) -> optax.GradientTransformation:
+  """Adam(arch_learning_rate, betas (arch_b1, arch_b2)) with L2 weight decay, as the reference."""
+  return optax.chain(optax.add_decayed_weights(config.arch_weight_decay),
+                     optax.adam(config.arch_learning_rate, b1=config.arch_b1, b2=config.arch_b2))
+
+
+def search_step(state: state_lib.SearchState, train_batch, val_batch, teacher_variables=None,
+                *, arch_tx: optax.GradientTransformation,
+                virtual_tx: optax.GradientTransformation, learning_rate_fn, mode: str,
+                loss: str, temperature: float, teacher_apply=None,
+                finite_difference_radius: float = 0.01):
+  """One architecture step on `val_batch`, then one weight step on `train_batch`.
+
+  `virtual_tx` (`virtual_step_optimizer`) makes the hypergradient's virtual step
+  from the weight optimizer's momentum buffer.
+
+  Per device shard, inside `jax.pmap(axis_name=AXIS)`; gradients are averaged
+  over devices. The architecture step sees the weights before this step's
+  weight update, as in the reference.
+  """
+  if teacher_apply is not None:
+    train_batch = steps.with_teacher_targets(train_batch, teacher_apply, teacher_variables)
+    val_batch = steps.with_teacher_targets(val_batch, teacher_apply, teacher_variables)
+  w = state.weights
+
+  def loss_fn(params, alphas, batch):
+    logits, _ = w.apply_fn({'params': params, 'batch_stats': w.batch_stats}, batch['image'],
+                           alphas=alphas, train=True, mutable=['batch_stats'])
+    return steps.classification_loss(logits, batch, loss, 0.0, temperature).mean()
+
+  val_loss, arch_grads = hypergradient(
+      loss_fn, w.params, state.alphas, w.opt_state[1], virtual_tx, train_batch, val_batch,
+      mode=mode, learning_rate=learning_rate_fn(w.step), axis_name=AXIS,
+      finite_difference_radius=finite_difference_radius)
+  updates, arch_opt_state = arch_tx.update(arch_grads, state.arch_opt_state, state.alphas)
+  alphas = optax.apply_updates(state.alphas, updates)
+
+  weights, train_metrics = steps.train_step(
+      w, dict(train_batch, alphas=alphas), learning_rate_fn=learning_rate_fn, loss=loss,
+      temperature=temperature)
+  arch_metrics = ArchMetrics.gather_from_model_output(axis_name=AXIS, val_loss=val_loss)
+  return (state_lib.SearchState(weights=weights, alphas=alphas, arch_opt_state=arch_opt_state),
+          train_metrics, arch_metrics)
+
+
+def pmap_search_step(**kwargs):
+  return jax.pmap(functools.partial(search_step, **kwargs), axis_name=AXIS,
+                  donate_argnums=(0,))
+
+
+def pmap_config_search_step(config, arch_tx: optax.GradientTransformation,
+                            lr_fn: optax.Schedule, teacher_apply=None):
+  """`search_step` as the `darts` stage runs it from its config (mode, loss, temperature,
+  finite-difference radius; the virtual step from `lr_fn`): pmap-ed, the state donated."""
+  return pmap_search_step(arch_tx=arch_tx, virtual_tx=virtual_step_optimizer(config, lr_fn),
+                          learning_rate_fn=lr_fn, mode=config.mode, loss=config.loss,
+                          temperature=config.temperature, teacher_apply=teacher_apply,
+                          finite_difference_radius=config.finite_difference_radius)

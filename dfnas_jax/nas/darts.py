@@ -10,7 +10,6 @@
 The search checkpoints (weights, BN statistics, logits, both optimizer states;
 the data position is the step) with orbax and resumes after a kill.
 """
-import functools
 import os
 from typing import Any, Dict, Optional, Tuple
 
@@ -20,9 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
-from clu import metrics
 
 from dfnas_jax import models, plots
 from dfnas_jax import workdir as wd
@@ -35,81 +32,6 @@ from dfnas_jax.train import loop, retrain, steps, trainer
 from dfnas_jax.train import state as state_lib
 
 AXIS = steps.AXIS
-
-
-@flax.struct.dataclass
-class ArchMetrics(metrics.Collection):
-  val_loss: metrics.Average.from_output('val_loss')
-
-
-def weight_optimizer(config, total_steps: int) -> Tuple[optax.GradientTransformation,
-                                                       optax.Schedule]:
-  """Reference: SGD momentum 0.9, cosine from learning_rate to learning_rate_min, clipping."""
-  lr_fn = optax.cosine_decay_schedule(config.learning_rate, total_steps,
-                                      alpha=config.learning_rate_min / config.learning_rate)
-  tx = optax.chain(optax.clip_by_global_norm(config.grad_clip),
-                   virtual_step_optimizer(config, lr_fn))
-  return tx, lr_fn
-
-
-def virtual_step_optimizer(config, lr_fn: optax.Schedule) -> optax.GradientTransformation:
-  """The weight optimizer without its clipping: the hypergradient's virtual step.
-
-  The reference's virtual step (cnn/architect.py) is w - lr (momentum * buffer + grad
-  + weight_decay * w) on the unclipped gradient (decay on the kernels here, as in the
-  real step). Its state is the weight optimizer's state[1] (the clipping keeps none).
-  """
-  return state_lib.sgd(lr_fn, config.momentum, config.weight_decay, nesterov=False)
-
-
-def arch_optimizer(config) -> optax.GradientTransformation:
-  """Adam(arch_learning_rate, betas (arch_b1, arch_b2)) with L2 weight decay, as the reference."""
-  return optax.chain(optax.add_decayed_weights(config.arch_weight_decay),
-                     optax.adam(config.arch_learning_rate, b1=config.arch_b1, b2=config.arch_b2))
-
-
-def search_step(state: state_lib.SearchState, train_batch, val_batch, teacher_variables=None,
-                *, arch_tx: optax.GradientTransformation,
-                virtual_tx: optax.GradientTransformation, learning_rate_fn, mode: str,
-                loss: str, temperature: float, teacher_apply=None,
-                finite_difference_radius: float = 0.01):
-  """One architecture step on `val_batch`, then one weight step on `train_batch`.
-
-  `virtual_tx` (`virtual_step_optimizer`) makes the hypergradient's virtual step
-  from the weight optimizer's momentum buffer.
-
-  Per device shard, inside `jax.pmap(axis_name=AXIS)`; gradients are averaged
-  over devices. The architecture step sees the weights before this step's
-  weight update, as in the reference.
-  """
-  if teacher_apply is not None:
-    train_batch = steps.with_teacher_targets(train_batch, teacher_apply, teacher_variables)
-    val_batch = steps.with_teacher_targets(val_batch, teacher_apply, teacher_variables)
-  w = state.weights
-
-  def loss_fn(params, alphas, batch):
-    logits, _ = w.apply_fn({'params': params, 'batch_stats': w.batch_stats}, batch['image'],
-                           alphas=alphas, train=True, mutable=['batch_stats'])
-    return steps.classification_loss(logits, batch, loss, 0.0, temperature).mean()
-
-  val_loss, arch_grads = bilevel.hypergradient(
-      loss_fn, w.params, state.alphas, w.opt_state[1], virtual_tx, train_batch, val_batch,
-      mode=mode, learning_rate=learning_rate_fn(w.step), axis_name=AXIS,
-      finite_difference_radius=finite_difference_radius)
-  updates, arch_opt_state = arch_tx.update(arch_grads, state.arch_opt_state, state.alphas)
-  alphas = optax.apply_updates(state.alphas, updates)
-
-  weights, train_metrics = steps.train_step(
-      w, dict(train_batch, alphas=alphas), learning_rate_fn=learning_rate_fn, loss=loss,
-      temperature=temperature)
-  arch_metrics = ArchMetrics.gather_from_model_output(axis_name=AXIS, val_loss=val_loss)
-  return (state_lib.SearchState(weights=weights, alphas=alphas, arch_opt_state=arch_opt_state),
-          train_metrics, arch_metrics)
-
-
-def pmap_search_step(**kwargs):
-  return jax.pmap(functools.partial(search_step, **kwargs), axis_name=AXIS,
-                  donate_argnums=(0,))
 
 
 def check_config(config) -> None:
@@ -170,8 +92,8 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
   """The bilevel search; resumes from workdir/checkpoints. Returns alphas and curves."""
   steps_per_epoch = ip.steps_per_epoch(train_source, config.batch_size)
   num_steps = config.num_epochs * steps_per_epoch
-  tx, lr_fn = weight_optimizer(config, num_steps)
-  arch_tx = arch_optimizer(config)
+  tx, lr_fn = bilevel.weight_optimizer(config, num_steps)
+  arch_tx = bilevel.arch_optimizer(config)
   dtype = models.compute_dtype(config.compute_dtype)
   weight_rng, alpha_rng = jax.random.split(jax.random.PRNGKey(config.seed))
   if config.space == 'darts':
@@ -187,11 +109,8 @@ def search(config, workdir: str, train_source: ip.DataSource, val_source: ip.Dat
       alphas=alphas, arch_opt_state=arch_tx.init(alphas))
   mngr, state, start_step, history = search_loop.restore(workdir, config, state, num_steps)
   runner = loop.Loop(workdir, start_step, num_steps)
-  p_step = pmap_search_step(arch_tx=arch_tx, virtual_tx=virtual_step_optimizer(config, lr_fn),
-                            learning_rate_fn=lr_fn, mode=config.mode, loss=config.loss,
-                            temperature=config.temperature,
-                            teacher_apply=teacher and teacher[0].apply,
-                            finite_difference_radius=config.finite_difference_radius)
+  p_step = bilevel.pmap_config_search_step(config, arch_tx, lr_fn,
+                                           teacher_apply=teacher and teacher[0].apply)
   extra_args = (steps.replicate(teacher[1]),) if teacher else ()
 
   def batches(source, seed):
