@@ -1,98 +1,78 @@
-"""BatchNorm in training mode, forward + backward, on XLA:CPU: flax.linen.BatchNorm against
-a BatchNorm whose gradient is written by hand, and one whose channel sums are matrix products.
+"""BatchNorm in training mode on XLA:CPU: flax.linen.BatchNorm against the networks' own
+(`dfnas_jax.models.normalization.BatchNorm`, whose gradient is written by hand).
 
-  python benchmarks/batch_norm.py
+  python benchmarks/batch_norm.py                       # forward + backward of one layer
+  python benchmarks/batch_norm.py --rows=spos_supernet,nb201_supernet,proxyless_weight
 
-The profiles of the supernet steps (docs/benchmarks.md) put most of JAX's time in
-elementwise and reduction fusions; this measures how much of that a hand-written gradient
-would take back. Calls alternate between the variants; the median of 15 per variant.
-Imports nothing that imports TensorFlow.
+The first form times one layer's forward + backward at a few shapes. `--rows` builds the
+JAX steps of benchmarks/compare_torch.py's rows twice, once with each BatchNorm, and times
+them interleaved in one process (the machine's load moves both alike): the step-level
+before/after of the change. Calls alternate between the variants; medians are reported.
+The first form imports nothing that imports TensorFlow or torch; `--rows` needs torch
+(compare_torch builds its rows' torch sides too).
 """
+import functools
 import os
-import time
 
+import ab_rows  # benchmarks/
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
-EPSILON = 1e-5
+from dfnas_jax.models import normalization
+
+flags.DEFINE_list('rows', [], "compare_torch.py rows whose JAX steps to time with each "
+                  "BatchNorm (e.g. spos_supernet); empty: one layer at a few shapes.")
+flags.DEFINE_integer('repeats', 15, 'Timed calls per variant (the median is reported).')
+FLAGS = flags.FLAGS
+
 SHAPES = ((32, 32, 32, 48), (32, 16, 16, 96), (16, 8, 8, 240), (64, 32, 32, 16))
+VARIANTS = {'flax.linen.BatchNorm': nn.BatchNorm,
+            'normalization.BatchNorm': normalization.BatchNorm}
 
 
-def flax_batch_norm(x, scale, bias):
-  variables = {'params': {'scale': scale, 'bias': bias},
-               'batch_stats': {'mean': jnp.zeros_like(scale), 'var': jnp.ones_like(scale)}}
-  y, _ = nn.BatchNorm(use_running_average=False, epsilon=EPSILON).apply(
-      variables, x, mutable=['batch_stats'])
-  return y
-
-
-def _reduce_sum(x):
-  return jnp.sum(x, tuple(range(x.ndim - 1)))
-
-
-def _ones_dot_sum(x):
-  flat = x.reshape(-1, x.shape[-1])
-  return jnp.dot(jnp.ones((flat.shape[0],), x.dtype), flat)
-
-
-def hand_written(channel_sum):
-  """Batch-statistics normalization with the three-term gradient,
-  dx = scale * rstd / n * (n * g - sum(g) - xhat * sum(g * xhat))."""
-
-  def forward(x, scale, bias):
-    n = x.size // x.shape[-1]
-    mean = channel_sum(x) / n
-    var = jnp.maximum(channel_sum(jnp.square(x)) / n - jnp.square(mean), 0.0)
-    rstd = jax.lax.rsqrt(var + EPSILON)
-    return (x - mean) * rstd * scale + bias, (x, mean, rstd, scale)
-
-  def backward(residuals, g):
-    x, mean, rstd, scale = residuals
-    n = x.size // x.shape[-1]
-    xhat = (x - mean) * rstd
-    g_sum, gx_sum = channel_sum(g), channel_sum(g * xhat)
-    return (scale * rstd / n) * (n * g - g_sum - xhat * gx_sum), gx_sum, g_sum
-
-  @jax.custom_vjp
-  def batch_norm(x, scale, bias):
-    return forward(x, scale, bias)[0]
-
-  batch_norm.defvjp(forward, backward)
-  return batch_norm
-
-
-VARIANTS = {'flax.linen.BatchNorm': flax_batch_norm,
-            'hand-written gradient': hand_written(_reduce_sum),
-            'hand-written, sums as matmuls': hand_written(_ones_dot_sum)}
-
-
-def main():
-  print(f'JAX {jax.__version__} on {jax.default_backend()}; load average '
-        f'{" ".join(f"{x:.1f}" for x in os.getloadavg())}')
+def layers_alone(repeats: int):
   rng = np.random.default_rng(0)
   for shape in SHAPES:
     x = jnp.asarray(rng.random(shape, np.float32))
-    scale, bias = jnp.ones(shape[-1]), jnp.zeros(shape[-1])
-    fns = {name: jax.jit(jax.grad(lambda x, s, b, f=f: jnp.sum(jnp.sin(f(x, s, b))),
-                                  argnums=(0, 1, 2)))
-           for name, f in VARIANTS.items()}
-    grads = {name: jax.block_until_ready(f(x, scale, bias)) for name, f in fns.items()}
-    reference = grads['flax.linen.BatchNorm']
+    fns = {}
+    for name, cls in VARIANTS.items():
+      module = cls(use_running_average=False)
+      variables = module.init(jax.random.PRNGKey(0), x)
+
+      def loss(params, x, module=module, variables=variables):
+        y, _ = module.apply({**variables, 'params': params}, x, mutable=['batch_stats'])
+        return jnp.sum(jnp.sin(y))
+      fns[name] = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    grads = {name: jax.block_until_ready(f(variables['params'], x)) for name, f in fns.items()}
+    reference = jax.tree_util.tree_leaves(grads['flax.linen.BatchNorm'])
     for name, got in grads.items():  # the same gradients, up to float32 summation order
-      for a, b in zip(got, reference):
+      for a, b in zip(jax.tree_util.tree_leaves(got), reference):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-3 * float(jnp.max(jnp.abs(b))),
                                    err_msg=name)
-    ms = {name: [] for name in fns}
-    for _ in range(15):
-      for name, f in fns.items():
-        start = time.perf_counter()
-        jax.block_until_ready(f(x, scale, bias))
-        ms[name].append((time.perf_counter() - start) * 1e3)
+    calls = {name: (lambda i, f=f: jax.block_until_ready(f(variables['params'], x)))
+             for name, f in fns.items()}
+    ms = ab_rows.median_ms(calls, repeats)
     print(f'{"x".join(map(str, shape)):>12}: '
-          + ', '.join(f'{name} {np.median(t):.1f} ms' for name, t in ms.items()))
+          + ', '.join(f'{name} {t:.1f} ms' for name, t in ms.items()), flush=True)
+
+
+def rows(names, repeats: int):
+  variants = {name: functools.partial(ab_rows.patched, normalization, 'BatchNorm', cls)
+              for name, cls in VARIANTS.items()}  # what layers.batch_norm builds
+  ab_rows.time_rows(names, variants, repeats)
+
+
+def main(_):
+  print(f'JAX {jax.__version__} on {jax.default_backend()}; load average '
+        f'{" ".join(f"{x:.1f}" for x in os.getloadavg())}')
+  if FLAGS.rows:
+    rows(FLAGS.rows, FLAGS.repeats)
+  else:
+    layers_alone(FLAGS.repeats)
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

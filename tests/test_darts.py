@@ -38,20 +38,43 @@ def test_depthwise_conv_matches_grouped_convolution(kernel, stride, dilation, cp
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 3))
   w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, 1, 3))
   pad = dilation * (kernel - 1) // 2
-  expected = jax.lax.conv_general_dilated(
-      x, w, (stride, stride), ((pad, pad), (pad, pad)), rhs_dilation=(dilation, dilation),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=3)
-  np.testing.assert_allclose(layers.depthwise_conv(x, w, stride, dilation, cpu_method), expected,
-                             atol=1e-5, rtol=1e-5)
-  # The gradients too: 'sum' writes its own (a shifted sum for the input's).
+  def grouped(x, w):
+    return jax.lax.conv_general_dilated(
+        x, w, (stride, stride), ((pad, pad), (pad, pad)), rhs_dilation=(dilation, dilation),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=3)
+  def conv(x, w):
+    return layers.depthwise_conv(x, w, stride, dilation, cpu_method)
+  expected = grouped(x, w)
+  np.testing.assert_allclose(conv(x, w), expected, atol=1e-5, rtol=1e-5)
+  # The gradients too: 'sum' and 'dense' write their own.
   g = jax.random.normal(jax.random.PRNGKey(2), expected.shape)
-  grads = jax.grad(lambda x, w: (layers.depthwise_conv(x, w, stride, dilation, cpu_method)
-                                 * g).sum(), (0, 1))(x, w)
-  expected_grads = jax.grad(lambda x, w: (jax.lax.conv_general_dilated(
-      x, w, (stride, stride), ((pad, pad), (pad, pad)), rhs_dilation=(dilation, dilation),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=3) * g).sum(), (0, 1))(x, w)
-  for got, want in zip(grads, expected_grads):
+  def first_order(f):
+    return jax.grad(lambda x, w: (f(x, w) * g).sum(), (0, 1))(x, w)
+  for got, want in zip(first_order(conv), first_order(grouped)):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  if cpu_method != 'dense' or stride != dilation:  # (3, 1, 1) and (5, 2, 2) are enough here
+    return
+  # And DARTS' exact hypergradient through the hand-written backward passes: the gradient
+  # of a loss after a weight step, for kernels stacked and scanned as the edges are (in
+  # float64: float32 rounding alone moves it by 1e-4).
+  def hypergradient(f):
+    def loss(kernels, a):
+      def edge(x, kernel):  # x + the edge's output, repeated back to x's side
+        y = jnp.repeat(jnp.repeat(jnp.tanh(a * f(x, kernel)), stride, 1), stride, 2)
+        return x + y[:, :x.shape[1], :x.shape[2]], None
+      return (jax.lax.scan(edge, x.astype(jnp.float64), kernels)[0] ** 2).sum()
+    kernels = jnp.stack([w, -0.5 * w]).astype(jnp.float64)
+    return jax.grad(lambda a: loss(kernels - 0.1 * jax.grad(loss)(kernels, a), a))(1.5)
+  # That leaves out how the input gradient moves with the kernel; a Hessian has it.
+  def input_gradient_norm_grad(f):
+    def input_gradient_norm(w):
+      gx = jax.grad(lambda x: (jnp.tanh(f(x, w)) * g).sum())(x.astype(jnp.float64))
+      return (gx ** 2).sum()
+    return jax.grad(input_gradient_norm)(w.astype(jnp.float64))
+  with jax.enable_x64(True):
+    np.testing.assert_allclose(hypergradient(conv), hypergradient(grouped), rtol=1e-10)
+    np.testing.assert_allclose(input_gradient_norm_grad(conv), input_gradient_norm_grad(grouped),
+                               rtol=1e-10, atol=1e-12)
 
 
 def test_pooling_does_not_count_padding():

@@ -6,7 +6,8 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from dfnas_jax.models import normalization
 
 # torchvision's default: kaiming-normal, fan-out, for ReLU.
 conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -14,11 +15,12 @@ conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 def batch_norm(train: bool, momentum: float, axis_name: Optional[str], dtype, *,
                affine: bool = True, epsilon: float = 1e-5) -> Callable[..., nn.BatchNorm]:
-  """nn.BatchNorm as every network here uses it, awaiting `name=`: batch statistics
-  reduced over `axis_name` in training, the running ones otherwise."""
-  return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=momentum,
-                           epsilon=epsilon, use_scale=affine, use_bias=affine, dtype=dtype,
-                           axis_name=axis_name if train else None)
+  """BatchNorm as every network here uses it, awaiting `name=`: batch statistics reduced
+  over `axis_name` in training, the running ones otherwise (nn.BatchNorm's variables and
+  values; in training its gradient is written by hand, see normalization.py)."""
+  return functools.partial(normalization.BatchNorm, use_running_average=not train,
+                           momentum=momentum, epsilon=epsilon, use_scale=affine,
+                           use_bias=affine, dtype=dtype, axis_name=axis_name if train else None)
 
 
 def normalize(images, mean: Sequence[float], std: Sequence[float], dtype):
@@ -82,15 +84,11 @@ def depthwise_conv(x, kernel, stride: int = 1, dilation: int = 1, cpu_method: st
   9 ms vs 24 ms stacked, 35 ms sum, 43 ms grouped).
   """
   k = kernel.shape[0]
-  pad = dilation * (k - 1) // 2
   on_cpu = jax.default_backend() == 'cpu'
-  if not on_cpu or cpu_method == 'dense':
-    groups = x.shape[-1]
-    if on_cpu:  # the same kernel on the diagonal of a dense one: no grouped convolution
-      kernel, groups = kernel * jnp.eye(x.shape[-1], dtype=kernel.dtype), 1
-    return jax.lax.conv_general_dilated(
-        x, kernel, (stride, stride), ((pad, pad), (pad, pad)), rhs_dilation=(dilation, dilation),
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
+  if not on_cpu:
+    return _convolution(x, kernel, stride, dilation, x.shape[-1])
+  if cpu_method == 'dense':
+    return dense_depthwise_conv(x, kernel, stride, dilation)
   if cpu_method == 'stacked':
     windows = _windows(x, k, stride, dilation)
     return jnp.einsum('tnhwc,tc->nhwc', jnp.stack(windows), kernel.reshape(k * k, -1))
@@ -102,7 +100,10 @@ def depthwise_conv(x, kernel, stride: int = 1, dilation: int = 1, cpu_method: st
 def _same_padded(x, k: int, dilation: int):
   """`x` zero-padded on both spatial sides by PyTorch's 'same' padding d * (k - 1) // 2."""
   pad = dilation * (k - 1) // 2
-  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  # lax.pad, not jnp.pad: jnp.pad's inner jit breaks JAX 0.10's second derivatives of the
+  # custom-gradient convolutions inside a scan (DARTS' edges), mixing up their residuals.
+  return jax.lax.pad(x, jnp.zeros((), x.dtype),
+                     ((0, 0, 0), (pad, pad, 0), (pad, pad, 0), (0, 0, 0)))
 
 
 def _windows(x, k: int, stride: int, dilation: int):
@@ -165,12 +166,91 @@ def _shifted_sum_kernel_grad(x, grad, k: int, stride: int, dilation: int):
   a = rows.transpose(4, 0, 1, 3, 2).reshape(c, n * ho, k * wp)
   b = grad.transpose(3, 0, 1, 2).reshape(c, n * ho, wo)
   r = jax.lax.dot_general(a, b, (((1,), (1,)), ((0,), (0,)))).reshape(c, k, wp, wo)
-  cols = np.arange(k)[:, None] * dilation + stride * np.arange(wo)[None, :]
-  taps = r[:, :, cols, np.arange(wo)[None, :]].sum(-1)  # [c, k, k]
-  return taps.transpose(1, 2, 0)
+  # Column tap j pairs padded column d*j + s*o with output column o: sum those entries as
+  # a product with a 0/1 mask (built from iotas: a gather's constant indices would break
+  # the second derivatives in a scan, see _same_padded).
+  iota = functools.partial(jax.lax.broadcasted_iota, jnp.int32, (k, wp, wo))
+  mask = (iota(1) == dilation * iota(0) + stride * iota(2)).astype(r.dtype)
+  return jnp.einsum('cipo,jpo->ijc', r, mask)
 
 
 shifted_sum_conv.defvjp(_shifted_sum_forward, _shifted_sum_backward)
+
+
+def _convolution(x, kernel, stride: int, dilation: int, groups: int):
+  pad = dilation * (kernel.shape[0] - 1) // 2
+  return jax.lax.conv_general_dilated(
+      x, kernel, (stride, stride), ((pad, pad), (pad, pad)), rhs_dilation=(dilation, dilation),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
+
+
+def _on_diagonal(kernel):
+  """[k, k, 1, C] depthwise kernel -> the [k, k, C, C] dense one with it on the diagonal.
+
+  Each row of C + 1 entries, the tap then C zeros, read back in rows of C puts the taps on
+  the diagonal. Built from the kernel alone: a constant such as jnp.eye(C) is hoisted out
+  of DARTS' edge scans, which breaks JAX 0.10's second derivatives of the custom-gradient
+  functions below (their residuals get mixed up with the hoisted constants)."""
+  k, c = kernel.shape[0], kernel.shape[-1]
+  rows = jax.lax.pad(kernel.reshape(k, k, c, 1), jnp.zeros((), kernel.dtype),
+                     ((0, 0, 0), (0, 0, 0), (0, 0, 0), (0, c, 0)))
+  return rows.reshape(k, k, c * (c + 1))[:, :, :c * c].reshape(k, k, c, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def dense_depthwise_conv(x, kernel, stride: int, dilation: int):
+  """Depthwise 'same' convolution as an ordinary one with the kernel on the diagonal
+  (`depthwise_conv`'s 'dense' CPU method). Autodiff's kernel gradient of it is a
+  convolution XLA:CPU leaves in a slow layout inside DARTS' scanned, twice-differentiated
+  cells (docs/benchmarks.md); here the kernel gradient is the shifted sums' matrix
+  product, and the input gradient is `dense_depthwise_conv_transpose`, whose own
+  gradients are again these two functions, so that every order of derivative avoids it."""
+  return _convolution(x, _on_diagonal(kernel), stride, dilation, 1)
+
+
+def _dense_forward(x, kernel, stride, dilation):
+  return dense_depthwise_conv(x, kernel, stride, dilation), (x, kernel)
+
+
+def _dense_backward(stride, dilation, residuals, grad):
+  x, kernel = residuals
+  grad_x = dense_depthwise_conv_transpose(grad, kernel, stride, dilation, x.shape[1:3])
+  grad_kernel = _shifted_sum_kernel_grad(x, grad, kernel.shape[0], stride, dilation)
+  return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+dense_depthwise_conv.defvjp(_dense_forward, _dense_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def dense_depthwise_conv_transpose(grad, kernel, stride: int, dilation: int,
+                                   in_side: Tuple[int, int]):
+  """The input gradient of `dense_depthwise_conv(x, kernel)` for output gradient `grad`,
+  `x` being [N, *in_side, C]."""
+  # Output o reads input s*o + d*t - pad: spread `grad` to stride s (lhs dilation) and
+  # correlate it with the flipped kernel at dilation d.
+  k = kernel.shape[0]
+  low = dilation * (k - 1) - dilation * (k - 1) // 2
+  padding = [(low, side - stride * (out - 1) - 1 - low + dilation * (k - 1))
+             for side, out in zip(in_side, grad.shape[1:3])]
+  return jax.lax.conv_general_dilated(
+      grad, _on_diagonal(kernel[::-1, ::-1]), (1, 1), padding, lhs_dilation=(stride, stride),
+      rhs_dilation=(dilation, dilation), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _transpose_forward(grad, kernel, stride, dilation, in_side):
+  return dense_depthwise_conv_transpose(grad, kernel, stride, dilation, in_side), (grad, kernel)
+
+
+def _transpose_backward(stride, dilation, in_side, residuals, cotangent):
+  grad, kernel = residuals
+  # <transpose(g, w), c> = <g, conv(c, w)>: the same bilinear form with c in x's place.
+  grad_grad = dense_depthwise_conv(cotangent, kernel, stride, dilation)
+  grad_kernel = _shifted_sum_kernel_grad(cotangent, grad, kernel.shape[0], stride, dilation)
+  return grad_grad, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+dense_depthwise_conv_transpose.defvjp(_transpose_forward, _transpose_backward)
 
 
 class DepthwiseConv(nn.Module):
