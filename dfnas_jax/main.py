@@ -8,13 +8,14 @@ Multi-host (one process per Cloud TPU VM host): add --distributed. Elsewhere
 (GPU clusters, several CPU processes) also name the coordinator:
   --distributed --coordinator_address=HOST0:1234 --num_processes=N --process_id=I
 """
+import difflib
 import os
 import sys
 
 import jax
 import tensorflow as tf
 from absl import app, flags, logging
-from ml_collections import config_flags
+from ml_collections import config_dict, config_flags
 
 from dfnas_jax import distributed, stages
 
@@ -52,6 +53,85 @@ def default_workdir() -> str:
   return os.path.join('workdir', os.path.splitext(os.path.basename(path))[0])
 
 
+def _wants_traceback(argv) -> bool:
+  """Whether the last --traceback/--notraceback of a command line whose flags did not
+  parse asks for tracebacks."""
+  wanted = False
+  for arg in argv[1:]:
+    if arg == '--':
+      break
+    name, _, value = arg.lstrip('-').partition('=')
+    if name in ('traceback', 'notraceback') and arg.startswith('-'):
+      wanted = name == 'traceback' and value.lower() in ('', 'true', 't', '1')
+  return wanted
+
+
+def _config_arg(argv) -> str:
+  """The value of --config (as --config=X or --config X)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(('--config=', '-config=')):
+      return arg.split('=', 1)[1]
+    if arg in ('--config', '-config') and i + 1 < len(argv):
+      return argv[i + 1]
+  return ''
+
+
+def _unknown_field(argv) -> str:
+  """Which --config.<field> override names no field, and the nearest fields; '' if none
+  does (the error was another)."""
+  try:
+    config = FLAGS['config'].parser.parse(_config_arg(argv))
+  except Exception:  # pylint: disable=broad-except
+    return ''
+  for arg in argv[1:]:
+    if not arg.startswith(('--config.', '-config.')):
+      continue
+    path = arg.split('.', 1)[1].split('=', 1)[0]
+    node, parent = config, 'the config'
+    for name in path.split('.'):
+      if not isinstance(node, config_dict.ConfigDict):
+        break
+      if name not in node:
+        near = difflib.get_close_matches(name, list(node.keys()), n=3, cutoff=0.6)
+        hint = (f'did you mean {" or ".join(map(repr, near))}?' if near
+                else f'its fields: {", ".join(sorted(node.keys()))}.')
+        return f'--config.{path}: {parent} has no field {name!r}; {hint}'
+      node, parent = node[name], name
+  return ''
+
+
+def parse_flags(argv):
+  """absl's flag parsing, but a --config whose preset or field overrides name nothing, or
+  whose file does not load, ends in one line (a traceback with --traceback)."""
+  try:
+    argv = FLAGS(argv)
+    FLAGS.config.get('stage')  # a config file that failed to load raises here
+    return argv
+  except Exception as e:  # pylint: disable=broad-except
+    if _wants_traceback(argv):
+      raise
+    chain = [e]
+    while chain[-1].__cause__ or chain[-1].__context__:
+      chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    # ml_collections re-raises what get_config (e.g. an unknown preset) raised with its
+    # traceback in the message; the exception it handled is the one that reads well.
+    wrapped = [c.__context__ for c in chain
+               if str(c).startswith('Error whilst parsing config file') and c.__context__]
+    if wrapped:
+      message = ' '.join(str(wrapped[0]).split())
+    elif isinstance(e, (KeyError, AttributeError)):
+      message = _unknown_field(argv) or ' '.join(str(e).strip('\'"').split())
+    elif isinstance(e, OSError):
+      message = f'Cannot load --config: {str(e).strip().splitlines()[-1].strip()}'
+    elif isinstance(e, flags.Error):  # other flags: as absl reports them
+      sys.stderr.write(f'FATAL Flags parsing error: {e}\n'
+                       'Pass --helpshort or --helpfull to see help on flags.\n')
+      sys.exit(1)
+    else:
+      raise
+    sys.exit(f'Error: {message}\n(--traceback shows where it was raised)')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -80,4 +160,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -12,11 +12,13 @@ a resumed run sees exactly the batches an uninterrupted run would have seen.
 import dataclasses
 import math
 import os
+import re
 import struct
 from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
+import requests
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -43,13 +45,16 @@ class DataSource:
     return 'logits' in self.builder.info.features
 
 
-def get_builder(name: str, data_dir: Optional[str] = None,
-                download: bool = True) -> tfds.core.DatasetBuilder:
+def get_builder(name: str, data_dir: Optional[str] = None, download: bool = True,
+                split: str = '', fields: str = '', skip: str = '') -> tfds.core.DatasetBuilder:
   """Builder for a registered TFDS name, a dataset under `data_dir`, or a directory.
 
   `name` may be a path to a dataset directory (e.g. a synthetic dataset), a name
   known to TFDS (downloaded and prepared on first use when `download`), or a
-  dataset already prepared under `data_dir` that this TFDS does not know.
+  dataset already prepared under `data_dir` that this TFDS does not know. A download
+  whose host cannot be reached fails at once, naming the `split` wanted, the config
+  fields that point at a prepared copy (`fields` + 'dataset', 'data_dir') and `skip`,
+  the setting that does without the data, if any.
   """
   if os.path.isdir(name):
     return tfds.builder_from_directory(name)
@@ -65,13 +70,39 @@ def get_builder(name: str, data_dir: Optional[str] = None,
     if not download:
       raise ValueError(f'Dataset {name!r} is not prepared under data_dir={data_dir!r} '
                        'and download is disabled.')
+    unreachable = _unreachable(builder)
+    if unreachable:
+      raise ValueError(
+          f'Dataset {name!r} (split {split!r}) is not prepared under data_dir={data_dir!r} and '
+          f'its download failed: {unreachable}. Point the stage at a prepared copy with '
+          f'--config.{fields}dataset=NAME --config.{fields}data_dir=DIR --config.download=False'
+          + (f', or do without it: {skip}.' if skip else '.'))
     builder.download_and_prepare()
   return builder
 
 
-def get_source(name: str, split: str, data_dir: Optional[str] = None,
-               download: bool = True) -> DataSource:
-  builder = get_builder(name, data_dir, download)
+def _unreachable(builder: tfds.core.DatasetBuilder) -> Optional[str]:
+  """Why the first host `builder` downloads from cannot be reached, or None: one request
+  without retries (TFDS retries ten times with back-off, minutes without a network)."""
+  urls = [u for u in builder.url_infos or () if u.startswith(('http://', 'https://'))]
+  if not urls:  # nothing known to check: TFDS reports its own failures
+    return None
+  try:  # the proxies and certificates TFDS's download would use (requests, environment)
+    requests.head(urls[0], timeout=(5, 30), allow_redirects=True).close()
+  except (requests.ConnectionError, requests.Timeout) as e:
+    reason = (getattr(e.args[0], 'reason', None) if e.args else None) or e
+    proxy = getattr(reason, 'original_error', None)  # set when it is the proxy that failed
+    # urllib3 prefixes its reasons with the connection object ("HTTPSConnection(...): ").
+    why = re.sub(r'^\S*Connection\(.*?\): ', '', str(proxy or reason))
+    return f'cannot reach {urls[0]} ({"its proxy: " if proxy else ""}{why})'
+  return None
+
+
+def get_source(name: str, split: str, data_dir: Optional[str] = None, download: bool = True,
+               fields: str = '', skip: str = '') -> DataSource:
+  """`split` of dataset `name` (see `get_builder`), checked: its features, its examples
+  and its files."""
+  builder = get_builder(name, data_dir, download, split, fields, skip)
   features = builder.info.features
   if 'image' not in features or 'label' not in features:
     raise ValueError(f'Dataset {name!r} must have `image` and `label` features; '

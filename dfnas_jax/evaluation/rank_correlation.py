@@ -238,7 +238,8 @@ class Study:
     classes, random by seed."""
     c = self.config
     if self._real is None:
-      whole = ip.get_source(c.real_dataset, c.real_train_split, c.real_data_dir, c.download)
+      whole = ip.get_source(c.real_dataset, c.real_train_split, c.real_data_dir, c.download,
+                            fields='real_')
       self._real = whole, ip.read_column(whole, search_data.class_feature(whole))
     whole, labels = self._real
     rows = np.arange(len(labels))
@@ -346,7 +347,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                            for n in names]
   else:
     num_classes = ip.get_source(config.eval_dataset, config.eval_split, config.eval_data_dir,
-                                config.download).num_classes
+                                config.download, fields='eval_').num_classes
     archs = choose_architectures(study.space, num_classes, config.num_architectures,
                                  config.pool_size, config.flops_min, config.flops_max,
                                  config.seed)

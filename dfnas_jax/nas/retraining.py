@@ -25,10 +25,12 @@ def check_real_data(config) -> None:
   split and the retraining schedule on it) before any work, so a missing or misnamed
   dataset, or a warm-up longer than the schedule on it, fails first."""
   if config.eval_dataset:
-    ip.get_source(config.eval_dataset, config.eval_split, config.eval_data_dir, config.download)
+    ip.get_source(config.eval_dataset, config.eval_split, config.eval_data_dir, config.download,
+                  fields='eval_', skip="--config.eval_dataset='' (no real-data evaluation)")
   if 'real' in retrain_data(config):
     source = ip.get_source(config.real_dataset, config.real_train_split, config.real_data_dir,
-                           config.download)
+                           config.download, fields='real_',
+                           skip='--config.retrain_data=synthetic (no retraining on real data)')
     trainer.schedule_steps(config.retrain, source, fields='retrain.')
 
 

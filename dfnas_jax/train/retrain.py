@@ -52,7 +52,9 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     train_source = ip.get_source(config.dataset, config.train_split, config.data_dir,
                                  config.download)
   eval_source = (ip.get_source(config.eval_dataset, config.eval_split, config.eval_data_dir,
-                               config.download) if config.eval_dataset else None)
+                               config.download, fields='eval_',
+                               skip="--config.eval_dataset='' (no real-data evaluation)")
+                 if config.eval_dataset else None)
   if eval_source is not None and eval_source.num_classes != train_source.num_classes:
     raise ValueError(f'Train data has {train_source.num_classes} classes but eval dataset '
                      f'{config.eval_dataset!r} has {eval_source.num_classes}.')
