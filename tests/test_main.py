@@ -60,7 +60,9 @@ def test_an_unreachable_download_fails_at_once_before_any_work(tmp_path):
           "--config.eval_data_dir=DIR --config.download=False, or do without it: "
           "--config.eval_dataset=''") in line
   assert not (tmp_path / 'workdir').exists()  # nothing synthesized or trained
-  assert seconds < 30, seconds  # imports and one failed request; TFDS's retries take minutes
+  # Imports and one failed request: 5-10 s idle, up to 35 s on a loaded 2-core machine;
+  # TFDS's retries take minutes.
+  assert seconds < 60, seconds
 
 
 @pytest.mark.parametrize('args, message', [
@@ -77,7 +79,7 @@ def test_a_bad_config_is_one_line_without_a_traceback(tmp_path, args, message):
   out = _main(command, cwd=tmp_path)
   seconds = time.time() - start
   assert out.returncode == 1 and _error_line(out.stderr) == message
-  assert seconds < 30, seconds  # the imports; the flags fail before main()
+  assert seconds < 60, seconds  # the imports (as above); the flags fail before main()
   if preset == ':nope':  # once: --traceback shows where
     out = _main([*command, '--traceback'], cwd=tmp_path)
     assert out.returncode == 1 and 'Traceback' in out.stderr and message[7:] in out.stderr
