@@ -20,9 +20,12 @@ def apply_with_bn_statistics(apply_fn: Callable, variables, images,
   are those of the whole batch across the devices of that axis.
   """
   stats = []
+  inside = []  # the BatchNorm call under way: a subclass' __call__ that calls nn.BatchNorm's
+  # (models/normalization.py) is one layer, seen once
 
   def interceptor(next_fun, args, kwargs, context):
-    if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
+    if (isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__'
+        and not inside):
       x = args[0].astype(jnp.float32)
       axes = tuple(range(x.ndim - 1))  # (N, H, W)
       mean = x.mean(axes)
@@ -35,6 +38,11 @@ def apply_with_bn_statistics(apply_fn: Callable, variables, images,
         mean = global_mean
       stats.append((mean, var, context.module.get_variable('batch_stats', 'mean'),
                     context.module.get_variable('batch_stats', 'var')))
+      inside.append(context.module)
+      try:
+        return next_fun(*args, **kwargs)
+      finally:
+        inside.pop()
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(interceptor):
