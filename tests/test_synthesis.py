@@ -260,7 +260,15 @@ def test_two_devices_equal_one_device(teacher_dir, tmp_path):
     # The labels must not move.
     assert a['label'] == b['label']
     np.testing.assert_allclose(a['logits'], b['logits'], rtol=1e-3, atol=5e-3)
-    assert np.abs(a['image'].astype(int) - b['image'].astype(int)).max() <= 1
+  # Pixels: Adam steps about lr * sign(gradient) whatever the gradient's size, so a pixel
+  # whose gradient is at rounding level may step either way and end several levels apart.
+  # Such pixels are rare; every other pixel agrees to within the uint8 rounding (one level).
+  # Measured (38,400 values): none off by more than one level on an Intel CPU, 2 (by 2
+  # levels) on an AMD EPYC; per-device BN statistics (a sharding bug, loss_batch='device')
+  # put 64% more than one level apart and change labels.
+  images = [np.stack([r['image'] for r in rs]).astype(int) for rs in records]
+  off = np.abs(images[0] - images[1])
+  assert (off > 1).mean() <= 1e-3 and off.mean() <= 0.05, (np.bincount(off.ravel()), off.mean())
 
 
 _LOSS_BATCH_SCRIPT = '''
