@@ -48,7 +48,10 @@ def layers_alone(repeats: int):
       fns[name] = jax.jit(jax.grad(loss, argnums=(0, 1)))
     grads = {name: jax.block_until_ready(f(variables['params'], x)) for name, f in fns.items()}
     reference = jax.tree_util.tree_leaves(grads['flax.linen.BatchNorm'])
-    for name, got in grads.items():  # the same gradients, up to float32 summation order
+    # The same gradients up to float32 summation order: channel sums of n <= 64 * 32 * 32
+    # terms are off by ~sqrt(n) u = 1.5e-5 of their terms' magnitudes, which the three-term
+    # gradient's cancellation brings up to the largest gradient's scale: 1e-3 of it is 60x.
+    for name, got in grads.items():
       for a, b in zip(jax.tree_util.tree_leaves(got), reference):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=1e-3 * float(jnp.max(jnp.abs(b))),
                                    err_msg=name)

@@ -2,6 +2,7 @@
 
   python benchmarks/steps.py                     # CPU-sized; 9 minutes on 2 CPU cores
   python benchmarks/steps.py --scale=accelerator # reference-sized batches
+  python benchmarks/steps.py --scale=smoke --json=/tmp/steps.json  # the smallest: a run-through
 
 Rows: the synthesis (inversion) update on all local devices, and the SPOS
 supernet step and the DARTS search step (exact second-order hypergradient), each
@@ -9,7 +10,9 @@ on one device and on all (the per-device batch fixed). Columns: images/s, GFLOP
 per step from XLA's cost analysis of the compiled step, achieved GFLOP/s, and
 that as a fraction of the peak measured in the same run by a large float32
 matmul on one device. Random weights and inputs: cost does not depend on them.
+Imports nothing that imports TensorFlow (benchmarks/device.sh runs it on machines without).
 """
+import json
 import os
 import sys
 import time
@@ -30,9 +33,10 @@ from dfnas_jax.nas import bilevel  # pylint: disable=wrong-import-position
 from dfnas_jax.train import state as state_lib  # pylint: disable=wrong-import-position
 from dfnas_jax.train import steps  # pylint: disable=wrong-import-position
 
-flags.DEFINE_enum('scale', 'cpu', ['cpu', 'accelerator'], 'Batch sizes and networks.')
+flags.DEFINE_enum('scale', 'cpu', ['cpu', 'accelerator', 'smoke'], 'Batch sizes and networks.')
 flags.DEFINE_string('compute_dtype', 'float32', 'float32 | bfloat16 (activations).')
 flags.DEFINE_integer('repeats', 5, 'Timed steps (after a warm-up) per row.')
+flags.DEFINE_string('json', None, 'Also write the rows to this JSON file.')
 FLAGS = flags.FLAGS
 
 # (synthesis batch, supernet space, supernet batch, DARTS channels/cells/size/batch, matmul n)
@@ -40,6 +44,8 @@ SCALES = {
     'cpu': dict(synthesis=64, space='spos_cifar', supernet=32, darts=(8, 3, 16, 16), matmul=2048),
     'accelerator': dict(synthesis=256, space='spos_cifar', supernet=256, darts=(16, 8, 32, 64),
                         matmul=8192),
+    # Every row at its smallest, to check the script end to end (seconds of running).
+    'smoke': dict(synthesis=2, space='spos_tiny', supernet=2, darts=(2, 3, 8, 2), matmul=256),
 }
 
 
@@ -135,10 +141,21 @@ def main(_):
                  step_s, flops))
   print('| step | devices | batch | ms/step | images/s | GFLOP/step | GFLOP/s | of peak |')
   print('|---|---|---|---|---|---|---|---|')
+  table = []
   for name, n_dev, batch, step_s, flops in rows:
     achieved = flops / step_s / 1e9
     print(f'| {name} | {n_dev} | {batch} | {step_s * 1e3:.1f} | {batch / step_s:.0f} | '
           f'{flops / 1e9:.2f} | {achieved:.1f} | {achieved / (peak * n_dev):.0%} |')
+    table.append({'step': name, 'devices': n_dev, 'batch': batch, 'ms': step_s * 1e3,
+                  'images_per_s': batch / step_s, 'gflop_per_step': flops / 1e9,
+                  'gflop_per_s': achieved, 'of_peak': achieved / (peak * n_dev)})
+  if FLAGS.json:  # NaN where XLA's cost analysis has none (GPU): json writes NaN
+    with open(FLAGS.json, 'w') as f:
+      json.dump({'device': f'{jax.local_device_count()} x {device.device_kind}',
+                 'backend': jax.default_backend(), 'jax': jax.__version__,
+                 'compute_dtype': FLAGS.compute_dtype, 'scale': FLAGS.scale,
+                 'peak_gflops': peak, 'rows': table}, f, indent=2)
+    print(f'Wrote {FLAGS.json}')
 
 
 if __name__ == '__main__':

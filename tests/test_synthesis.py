@@ -246,7 +246,8 @@ def test_two_devices_equal_one_device(teacher_dir, tmp_path):
   ''')
   records = []
   for devices in (1, 2):
-    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+    flags = os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={devices}'
+    env = dict(os.environ, XLA_FLAGS=flags,
                JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
     out = subprocess.run([sys.executable, '-c', script, str(tmp_path / str(devices))], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=600)
@@ -317,7 +318,8 @@ def test_global_loss_batch_does_not_depend_on_the_device_count(tmp_path):
   runs = []
   for devices in (1, 2):
     # Unoptimized XLA: compiling is most of this test's time; both layouts get the same.
-    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+    flags = os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={devices}'
+    env = dict(os.environ, XLA_FLAGS=flags,
                JAX_PLATFORMS='cpu', PYTHONPATH=REPO, JAX_DISABLE_MOST_OPTIMIZATIONS='1')
     path = tmp_path / f'{devices}.json'
     out = subprocess.run([sys.executable, '-c', _LOSS_BATCH_SCRIPT, str(path)], cwd=REPO,

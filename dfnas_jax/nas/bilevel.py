@@ -24,7 +24,7 @@ averaged over devices, like the real weight step).
 
 `search_step` is the `darts` stage's step (dfnas_jax.nas.darts): the architecture
 step with that hypergradient, then the weight step. It lives here with its optimizers,
-with no TensorFlow behind it (benchmarks/compare_torch_darts.py times it).
+with no TensorFlow behind it (benchmarks/compare_torch.py times it).
 """
 import functools
 from typing import Any, Callable, Optional, Tuple

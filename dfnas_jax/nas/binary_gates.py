@@ -1,6 +1,6 @@
 """ProxylessNAS's binary gates, its weight and architecture steps and their optimizers
 (Cai et al., 2019): the pure-JAX half of stage `proxylessnas` (nas/proxyless.py), with no
-TensorFlow behind it (benchmarks/compare_torch_proxyless.py times these steps).
+TensorFlow behind it (benchmarks/compare_torch.py times these steps).
 
 An architecture step samples, per layer, an active candidate (`binary_mode='full'`: from
 softmax(alpha) over all candidates, every candidate is computed; `'two'`: two candidates

@@ -1,15 +1,18 @@
-"""The torch twin of the NAS-Bench-201 one-shot supernet (`models.nb201.NB201Net`, ops=None)
-for benchmarks/compare_torch.py: every op of every edge of every cell, the cell
-architecture (one op index per edge) an input of `forward`. Module names follow the Flax
-variables, so `torch_parity.load_flax_variables` fills it. Imports nothing that imports
-TensorFlow.
+"""compare_torch.py's row `nb201_supernet`: the SPOS supernet step on NAS-Bench-201 as
+configs/spos.py:nb201 trains it (`spos.SupernetBench` on that space), and the torch twin of
+the one-shot supernet (`models.nb201.NB201Net`, ops=None): every op of every edge of every
+cell, the cell architecture (one op index per edge) an input of `forward`. Module names
+follow the Flax variables, so `parity.load_flax_variables` fills it.
 """
+import numpy as np
 import torch
 import torch.nn.functional as F
-import torch_parity as tp  # noqa: F401  # benchmarks/; sets JAX_PLATFORMS before JAX starts
 from torch import nn as tnn
 
 from dfnas_jax.models import nb201
+
+from . import parity as tp  # noqa: F401  # sets JAX_PLATFORMS before JAX starts
+from . import spos
 
 
 class TorchReLUConvBN(tnn.Module):
@@ -136,3 +139,34 @@ class TorchNB201Supernet(tnn.Module):
     elif self.dropout:
       x = F.dropout(x, self.dropout, self.training)
     return self.classifier(x)
+
+
+class NB201SupernetBench(spos.SupernetBench):
+  """`SupernetBench` on the NAS-Bench-201 space as configs/spos.py:nb201 trains it: the path
+  is the cell architecture (one op per edge, the same in every cell); the torch twin is
+  `TorchNB201Supernet`."""
+  name = 'nb201_supernet'
+  preset = 'nb201'
+  # Every op type: node 1 = 3x3 conv of the input, node 2 = 1x1 conv of the input + skip of
+  # node 1, node 3 = avg pool of the input + 1x1 conv of node 1 + none of node 2. Node 2's
+  # 1x1 conv is on the path but gets a zero gradient (only 'none' reads node 2): its update
+  # is weight decay and momentum alone, on both sides (nb201.TorchZero).
+  CHECK_PATH = (3, 2, 1, 4, 2, 0)
+
+  def search_space(self, space: str):
+    if not nb201.is_name(space) or nb201.parse_name(space)[2] is not None:
+      raise ValueError(f"space={space!r}: this row runs NB201 supernets 'nb201[-<C>x<N>]'.")
+    return space
+
+  def draw_paths(self, count: int, rng: np.random.Generator):
+    """Uniform over all cells, as the preset's path_sampling='uniform' with no FLOPs band."""
+    if any(b > 0 for b in self.band):
+      raise ValueError(f'FLOPs band {self.band}: this row draws uniformly over all cells.')
+    return [tuple(int(op) for op in rng.integers(len(nb201.OPS), size=nb201.NUM_EDGES))
+            for _ in range(count)]
+
+  def check_path(self, seed: int):
+    return self.CHECK_PATH
+
+  def torch_supernet(self) -> tnn.Module:
+    return TorchNB201Supernet(self.model)

@@ -1,4 +1,4 @@
-"""The ProxylessNAS search's two steps for benchmarks/compare_torch.py: the rows
+"""The ProxylessNAS search's two steps for compare_torch.py: the rows
 `proxyless_weight` and `proxyless_arch`, and the torch twin of the supernet
 (`models.proxyless.ProxylessNet`) they run.
 
@@ -47,7 +47,6 @@ import numpy as np
 import optax
 import torch
 import torch.nn.functional as F
-import torch_parity as tp  # benchmarks/
 from torch import nn as tnn
 
 from dfnas_jax import teachers
@@ -58,6 +57,8 @@ from dfnas_jax.teachers import convert
 from dfnas_jax.train import state as state_lib
 from dfnas_jax.train import steps
 
+from . import parity as tp
+
 LATENCY_CACHE = os.path.join(tempfile.gettempdir(), 'dfnas_compare_torch_latency.json')
 # Every block's output reaches the loss only through a 1x1 convolution and a training-mode
 # BatchNorm (the next searched layer's expansion, or the head's feature mix), which cancel a
@@ -65,9 +66,10 @@ LATENCY_CACHE = os.path.join(tempfile.gettempdir(), 'dfnas_compare_torch_latency
 # arithmetic (float64 updates: ~1e-18), and a weight step's float32 update of it is rounding
 # on both sides (<= 2e-7 of the step's largest update at the default config), with no
 # relative difference to compare. On the path, it must stay below ROUNDING of the step's
-# largest update instead.
+# largest update instead: the rounding of a float32 sum that is 0 in exact arithmetic,
+# tp.RESOLUTION (sqrt(n) u for n <= 2^24 terms; it was 1e-5, from one machine).
 VANISHING_GRADIENT = 'project_bn/bias'
-ROUNDING = 1e-5
+ROUNDING = tp.RESOLUTION
 
 
 def search_schedule_steps(config, num_classes: int) -> Tuple[int, int]:
@@ -345,29 +347,26 @@ class ProxylessWeightBench(_ProxylessBench):
           {'params': jax.device_get(flax.jax_utils.unreplicate(rstate.weights.params))})
       old = teachers.flatten_variables({'params': self.state0.weights.params})
       torch_params = dict(self.torch_model.named_parameters())
-      worst, worst_key, worst_max, still, largest, rounding = (0.0, 0.0), None, 0.0, 0, 0.0, {}
+      pairs, still, rounding = {}, 0, {}
       for key, value in new.items():  # every parameter: off the path both must stay put
         name = convert.torch_key(tuple(key.split('/')))
         jax_delta = tp.torch_layout(value) - tp.torch_layout(old[key])
-        torch_delta = (torch_params[name].detach() - saved[name]).numpy()
+        torch_delta = tp.host(torch_params[name] - saved[name])
         still += not jax_delta.any()
         if key.endswith(VANISHING_GRADIENT) and jax_delta.any():
           rounding[key] = max(np.abs(jax_delta).max(), np.abs(torch_delta).max())
-          continue
-        rel = tp.check_update(self.name, f'{key} (path {digits(path)})', jax_delta, torch_delta)
-        largest = max(largest, np.abs(jax_delta).max())
-        worst_max = max(worst_max, rel[1])
-        if rel[0] >= worst[0]:
-          worst, worst_key = rel, key
-      rounding = {k: float(v / largest) for k, v in rounding.items()}
+        else:
+          pairs[key] = (jax_delta, torch_delta)
+      summary = tp.check_updates(self.name, pairs, f'{{}} (path {digits(path)})',
+                                 {k: tp.torch_layout(v) for k, v in old.items()})
+      rounding = {k: float(v / summary['scale']) for k, v in rounding.items()}
       for key, ratio in rounding.items():
         if not ratio <= ROUNDING:
           raise tp.ParityError(
               f'{self.name}: {key}, whose gradient vanishes in exact arithmetic, moved by '
               f'{ratio:.3g} of the largest update (JAX or torch) > {ROUNDING:g}.')
-      result.update(update=worst, update_worst=worst_key, update_max=worst_max,
-                    unchanged=still, tensors=len(new), rounding=max(rounding.values(), default=0.0),
-                    rounding_tensors=len(rounding))
+      result.update(updates=summary, unchanged=still, tensors=len(new),
+                    rounding=max(rounding.values(), default=0.0), rounding_tensors=len(rounding))
     finally:
       self.torch_model.load_state_dict(saved)
     return result
@@ -376,28 +375,16 @@ class ProxylessWeightBench(_ProxylessBench):
     """(jax_call(i), torch_call(i)) on the path JAX draws at step i, from the initial weights
     and fresh optimizer states (torch: a copy; `check` still sees the initial weights);
     and the paths."""
-    paths = [self.path(i) for i in range(count)]
-    state = {'jax': steps.replicate(self.state0, self.devices)}
-    model = copy.deepcopy(self.torch_model)
-    opt = self.torch_optimizer(model)
-
-    def jax_call(i):
-      state['jax'], _ = jax.block_until_ready(
-          self.p_step(state['jax'], self.r_batch, self.r_teacher))
-
-    def torch_call(i):
-      self.torch_step(model, opt, paths[i], i)
-
-    return jax_call, torch_call, paths
+    return tp.path_timers(self, [self.path(i) for i in range(count)],
+                          lambda i: self.r_batch)
 
   def describe_check(self, r) -> str:
     (a, b), = r['losses']
     return (f'path {digits(self.parity_path)}: teacher logits rel max diff {r["logits"]:.2e} '
             f'(tol {tp.LOGITS_TOL:g}); loss JAX {a:.6f}, torch {b:.6f}, rel diff {r["loss"]:.2e} '
             f'(tol {tp.LOSS_RTOL:g}); accuracy JAX {r["accuracy"][0]:.4f}, torch '
-            f'{r["accuracy"][1]:.4f}; parameter updates: worst rel L2 diff {r["update"][0]:.2e} '
-            f'at {r["update_worst"]} (tol {tp.UPDATE_RTOL:g}), worst max |diff| / max |update| '
-            f'{r["update_max"]:.2e}; {r["unchanged"]} of {r["tensors"]} tensors (off the path) '
+            f'{r["accuracy"][1]:.4f}; {tp.describe_updates(r["updates"], "parameter updates")}; '
+            f'{r["unchanged"]} of {r["tensors"]} tensors (off the path) '
             f'unchanged on both sides; the {r["rounding_tensors"]} {VANISHING_GRADIENT} on the '
             f'path (gradient 0 in exact arithmetic) moved by <= {r["rounding"]:.1e} of the largest '
             f'update (tol {ROUNDING:g})')
@@ -429,8 +416,8 @@ class ProxylessArchBench(_ProxylessBench):
     for m in self.torch_model.modules():
       if isinstance(m, TorchBatchNorm):
         m.update_stats = False
-    self.table = torch.from_numpy(np.asarray(self.cost.table, np.float32))
-    self.torch_allowed = torch.from_numpy(self.allowed)
+    self.table = tp.from_numpy(np.asarray(self.cost.table, np.float32))
+    self.torch_allowed = tp.from_numpy(self.allowed)
     self.parity_draw = self.draw(0)
     form = self.cost_loss.form or 'no cost term'
     self.config = (f'{self.space_name}, batch {self.batch}, {self.space.image_size} px, '
@@ -457,7 +444,7 @@ class ProxylessArchBench(_ProxylessBench):
 
   def torch_alphas(self):
     """One parameter per layer, as the reference's per-layer logits."""
-    return [tnn.Parameter(torch.from_numpy(np.array(row, np.float32)))
+    return [tnn.Parameter(tp.from_numpy(np.array(row, np.float32)))
             for row in np.asarray(self.state0.alphas)]
 
   def torch_optimizer(self, alphas):
@@ -536,11 +523,17 @@ class ProxylessArchBench(_ProxylessBench):
     result['loss'] = tp.check_losses(self.name, 0, jax_terms, torch_terms)
     old = np.asarray(self.state0.alphas, np.float64)
     jax_delta = np.asarray(new_state.alphas, np.float64) - old
-    torch_delta = torch.stack(alphas).detach().double().numpy() - old
+    torch_delta = tp.host(torch.stack(alphas)).astype(np.float64) - old
     moments = {k: np.asarray(optax.tree_utils.tree_get(new_state.arch_opt_state, k))
                for k in ('mu', 'nu', 'count')}
-    worst = {'update': ((0.0, 0.0), None), 'mu': ((0.0, 0.0), None), 'nu': ((0.0, 0.0), None)}
-    skipped, put = [], 0
+    # Per layer; each kind one group (tp.check_updates). Adam's second moment as its square
+    # root, on the gradient's scale (Adam divides by it). The first moment is the gradient
+    # times 1 - b1; where it is rounding, Adam's nearly sign-only first step may go either
+    # way on the two sides: those logits are left out of the update's comparison.
+    groups = {'update': {}, 'mu': {}, 'sqrt nu': {}}
+    skipped, put, undecided = [], 0, 0
+    mu_scale = max(np.abs(moments['mu']).max(), max(
+        np.abs(tp.host(opt.state[a]['exp_avg'])).max() for a in alphas if a in opt.state))
     for i, alpha in enumerate(alphas):
       state = opt.state.get(alpha, {})
       if 'step' not in state:
@@ -551,19 +544,20 @@ class ProxylessArchBench(_ProxylessBench):
                              f'steps in JAX, {torch_count} in torch.')
       kept = jax_delta[i] == 0  # where JAX keeps a logit put, torch must keep it exactly
       put += int(kept.sum())
-      if kept.any():
-        tp.check_update(self.name, f'the logits JAX keeps put in layer {i}', jax_delta[i][kept],
-                        torch_delta[i][kept])
-      compared = {'update': (jax_delta[i], torch_delta[i])}
-      for k, name in (('mu', 'exp_avg'), ('nu', 'exp_avg_sq')):
-        compared[k] = (moments[k][i], state[name].numpy() if name in state else
-                       np.zeros_like(moments[k][i]))
-      for k, (a, b) in compared.items():
-        rel = tp.check_update(self.name, f'{k} of layer {i} (draw '
-                              f'{self.describe_draw(draw)})', a, b)
-        if rel[0] >= worst[k][0][0]:
-          worst[k] = (rel, i)
-    result.update(worst=worst, skipped=skipped, put=put, total=jax_delta.size)
+      if torch_delta[i][kept].any():
+        raise tp.ParityError(f'{self.name}: layer {i}: torch moved logits that JAX keeps put '
+                             f'(by up to {np.abs(torch_delta[i][kept]).max():.3g}).')
+      sign = tp.decided(moments['mu'][i], mu_scale)
+      undecided += int((~sign & ~kept).sum())
+      groups['update'][i] = (jax_delta[i][sign], torch_delta[i][sign])
+      for k, name in (('mu', 'exp_avg'), ('sqrt nu', 'exp_avg_sq')):
+        a = moments[k.split()[-1]][i]
+        b = tp.host(state[name]) if name in state else np.zeros_like(a)
+        groups[k][i] = (np.sqrt(a), np.sqrt(b)) if k == 'sqrt nu' else (a, b)
+    where = f'{{}} (draw {self.describe_draw(draw)})'
+    result['groups'] = {k: tp.check_updates(self.name, pairs, f'{k} of layer {where}')
+                        for k, pairs in groups.items()}
+    result.update(skipped=skipped, put=put, total=jax_delta.size, undecided=undecided)
     return result
 
   def timers(self, count: int):
@@ -589,12 +583,11 @@ class ProxylessArchBench(_ProxylessBench):
 
   def describe_check(self, r) -> str:
     terms = '; '.join(f'{k} JAX {a:.6f}, torch {b:.6f}' for k, (a, b) in r['terms'].items())
-    worst = ', '.join(f'{k} {rel[0]:.2e} (layer {i}; max |diff| / max |{k}| {rel[1]:.2e})'
-                      for k, (rel, i) in r['worst'].items())
+    groups = '; '.join(tp.describe_updates(g, f"{k} per layer") for k, g in r['groups'].items())
     kind = 'active/other' if self.mode == 'two' else 'active'
     return (f'draw {self.describe_draw(self.parity_draw)} ({kind}): teacher logits rel '
             f'max diff {r["logits"]:.2e} (tol {tp.LOGITS_TOL:g}); {terms}; worst rel diff '
-            f'{r["loss"]:.2e} (tol {tp.LOSS_RTOL:g}); per layer, worst rel L2 diff of the '
-            f'logit update and of Adam\'s moments: {worst} (tol {tp.UPDATE_RTOL:g}); layers '
-            f'skipped (active zero): {r["skipped"]}; {r["put"]} of {r["total"]} logits kept '
-            'put on both sides')
+            f'{r["loss"]:.2e} (tol {tp.LOSS_RTOL:g}); logit updates and Adam\'s moments: '
+            f'{groups}; layers skipped (active zero): {r["skipped"]}; {r["put"]} of '
+            f'{r["total"]} logits kept put on both sides, {r["undecided"]} others with a '
+            'gradient at rounding level not compared')
