@@ -226,7 +226,17 @@ def test_bad_config_is_a_clear_error(teacher_dir, tmp_path):
 
 
 def test_two_devices_equal_one_device(teacher_dir, tmp_path):
-  """The same batches of 8 on 2 simulated devices (shards of 4) or on 1: the same dataset.
+  """The same batches of 8 on 2 simulated devices (shards of 4) or on 1: the same dataset,
+  up to rounding, which is far smaller than the smallest sharding bug: the same 2 devices
+  with per-device BatchNorm statistics (loss_batch='device').
+
+  Adam steps about lr * sign(gradient) whatever the gradient's size, so a pixel whose
+  gradient is at rounding level may step either way and end several levels apart, and the
+  logits follow. How far depends on the processor, not on a bound the arithmetic gives:
+  max logit difference 1.0e-3 on this AMD EPYC, 1.3e-2 with XLA held to SSE4.2
+  (--xla_cpu_max_isa=SSE4_2), against 0.31 for per-device statistics; pixels more than one
+  uint8 level apart 5e-5 of them, against 0.64. So the test bounds the rounding's effect
+  by a tenth of the bug's, and the labels must not move.
 
   Both rounds aim at hard targets: with label calibration, round 1 aims at round 0's
   logits and inherits their rounding difference, which lr 0.25 amplifies far past it
@@ -242,34 +252,34 @@ def test_two_devices_equal_one_device(teacher_dir, tmp_path):
       config.canvas, config.window = 20, 16
       config.batch_size = 8  # loss_batch='global' (the default) pools the shards' statistics
       config.label_calibration = False
+      config.loss_batch = sys.argv[2]
       synthesize.run(config, sys.argv[1])
   ''')
-  records = []
-  for devices in (1, 2):
+  runs = {}
+  for devices, loss_batch in ((1, 'global'), (2, 'global'), (2, 'device')):
     flags = os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={devices}'
-    env = dict(os.environ, XLA_FLAGS=flags,
-               JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
-    out = subprocess.run([sys.executable, '-c', script, str(tmp_path / str(devices))], cwd=REPO,
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
+    out_dir = tmp_path / f'{devices}_{loss_batch}'
+    out = subprocess.run([sys.executable, '-c', script, str(out_dir), loss_batch], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    records.append(read_dataset(str(tmp_path / str(devices) / 'synthetic'))[1])
-  assert len(records[0]) == len(records[1]) == 32
-  for a, b in zip(*records):
-    assert a['round'] == b['round'] and a['target_label'] == b['target_label']
-    # The same sums, split differently over devices and threads; 10 Adam steps amplify
-    # the rounding: up to 4.7e-4 on one CPU, 1.5e-3 on another (issue 24).
-    # The labels must not move.
-    assert a['label'] == b['label']
-    np.testing.assert_allclose(a['logits'], b['logits'], rtol=1e-3, atol=5e-3)
-  # Pixels: Adam steps about lr * sign(gradient) whatever the gradient's size, so a pixel
-  # whose gradient is at rounding level may step either way and end several levels apart.
-  # Such pixels are rare; every other pixel agrees to within the uint8 rounding (one level).
-  # Measured (38,400 values): none off by more than one level on an Intel CPU, 2 (by 2
-  # levels) on an AMD EPYC; per-device BN statistics (a sharding bug, loss_batch='device')
-  # put 64% more than one level apart and change labels.
-  images = [np.stack([r['image'] for r in rs]).astype(int) for rs in records]
-  off = np.abs(images[0] - images[1])
-  assert (off > 1).mean() <= 1e-3 and off.mean() <= 0.05, (np.bincount(off.ravel()), off.mean())
+    runs[devices, loss_batch] = read_dataset(str(out_dir / 'synthetic'))[1]
+  one = runs[1, 'global']
+  assert len(one) == len(runs[2, 'global']) == len(runs[2, 'device']) == 32
+
+  def difference(records):
+    for a, b in zip(one, records):
+      assert a['round'] == b['round'] and a['target_label'] == b['target_label']
+    logits = max(np.abs(a['logits'] - b['logits']).max() for a, b in zip(one, records))
+    off = np.abs(np.stack([r['image'] for r in one]).astype(int)
+                 - np.stack([r['image'] for r in records]).astype(int))
+    return logits, (off > 1).mean(), [a['label'] == b['label'] for a, b in zip(one, records)]
+
+  logits, pixels, labels = difference(runs[2, 'global'])
+  bug_logits, bug_pixels, _ = difference(runs[2, 'device'])
+  assert all(labels)
+  assert logits <= 0.1 * bug_logits and pixels <= 0.1 * bug_pixels, (
+      logits, bug_logits, pixels, bug_pixels)
 
 
 _LOSS_BATCH_SCRIPT = '''
