@@ -10,6 +10,8 @@ STAGES = {
     'darts': 'dfnas_jax.nas.darts',
     'proxylessnas': 'dfnas_jax.nas.proxyless',
     'rank_correlation': 'dfnas_jax.evaluation.rank_correlation',
+    'zero_cost_study': 'dfnas_jax.evaluation.zero_cost_study',
+    'zero_shot': 'dfnas_jax.nas.zero_shot',
 }
 
 

@@ -53,9 +53,9 @@ REAL_DATA_FIXTURES = ('data_dir', 'nb201_table_path')
 # test_multihost.py, started last and ran alone at the end). Longest first keeps both
 # workers busy to the end. A file missing here only runs later; nothing else depends on it.
 LONGEST_FIRST = ('test_darts.py', 'test_multihost.py', 'test_nb201_stages.py', 'test_spos.py',
-                 'test_compare_torch.py', 'test_proxyless.py', 'test_synthesis.py',
-                 'test_mixed_precision.py', 'test_rank_correlation.py', 'test_main.py',
-                 'test_training.py', 'test_nb201.py')
+                 'test_compare_torch.py', 'test_zero_cost.py', 'test_proxyless.py',
+                 'test_synthesis.py', 'test_zero_shot.py', 'test_mixed_precision.py',
+                 'test_rank_correlation.py', 'test_main.py', 'test_training.py', 'test_nb201.py')
 
 
 def _schedule_rank(item) -> int:

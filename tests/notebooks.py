@@ -16,7 +16,8 @@ import nbformat
 REPO = pathlib.Path(__file__).resolve().parents[1]
 COLAB = REPO / 'colab'
 NOTEBOOKS = {'01_synthesize': 'synthesize', '02_spos': 'spos', '03_darts': 'darts',
-             '04_proxylessnas': 'proxylessnas', '05_consistency': 'rank_correlation'}
+             '04_proxylessnas': 'proxylessnas', '05_consistency': 'rank_correlation',
+             '06_zero_shot': 'zero_shot'}
 EVAL_SPLIT = 'train[45000:45064]'
 
 

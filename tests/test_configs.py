@@ -69,6 +69,15 @@ def test_stored_soft_labels_of_whole_windows_pass():
     stages.check(config)
 
 
+def test_the_zero_cost_study_refuses_more_batch_images_than_a_source_holds():
+  config = _config('zero_cost_study')  # 256 synthetic images; 25 real ones per class
+  config.update(num_batches=4, sources='full,real_same_count')
+  with pytest.raises(ValueError, match="256 images, more than the 250 source 'real_same_count'"):
+    stages.check(config)
+  config.sources = 'full'  # exactly enough
+  stages.check(config)
+
+
 def test_a_bad_teacher_fails_at_config_time(tmp_path):
   config = _config('synthesize')
   config.teacher = str(tmp_path)

@@ -1,11 +1,12 @@
 """The colab/ notebooks: committed clean, every scale's config cell, and notebook 01 run
 headless at smoke scale (tests/notebooks.py says how).
 
-Notebooks 02-05 run where their stage's end-to-end test has just run the same smoke
+Notebooks 02-06 run where their stage's end-to-end test has just run the same smoke
 config in the same work directory (test_spos, test_darts, test_proxyless,
-test_rank_correlation): the notebook then runs the stage again, which reuses that work,
-and shows it. The stage's own test covers the fresh run; the notebook's test covers
-what the notebook runs and shows, without compiling and training everything twice.
+test_rank_correlation, test_zero_shot): the notebook then runs the stage again, which
+reuses that work, and shows it. The stage's own test covers the fresh run; the notebook's
+test covers what the notebook runs and shows, without compiling and training everything
+twice.
 """
 import contextlib
 import io
@@ -53,7 +54,7 @@ def test_config_cell_builds_every_scale(name, scale):
   assert config.is_locked and config.stage == notebooks.NOTEBOOKS[name]
 
 
-@pytest.mark.parametrize('name', ['02_spos', '03_darts', '04_proxylessnas'])
+@pytest.mark.parametrize('name', ['02_spos', '03_darts', '04_proxylessnas', '06_zero_shot'])
 def test_search_notebooks_find_notebook_01s_dataset(name, tmp_path, monkeypatch):
   """SYNTHETIC_DIR None searches notebook 01's dataset at the same SCALE (found from the
   working directory), a given SYNTHETIC_DIR that one, '' a dataset synthesized anew."""

@@ -44,17 +44,20 @@ def distillation_teacher(loss: str, config):
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
-        train_source: Optional[ip.DataSource] = None):
+        train_source: Optional[ip.DataSource] = None,
+        eval_source: Optional[ip.DataSource] = None):
   """Trains `config.architecture` on `config.dataset`'s `train_split`, or on `train_source`
-  when given (a subset of it that no split string names, e.g. class-balanced rows)."""
+  when given (a subset of it that no split string names, e.g. class-balanced rows), and
+  evaluates it on `config.eval_dataset`'s `eval_split`, or on `eval_source` when given
+  (e.g. the rows of the same data held out from `train_source`)."""
   check_config(config)
   if train_source is None:
     train_source = ip.get_source(config.dataset, config.train_split, config.data_dir,
                                  config.download)
-  eval_source = (ip.get_source(config.eval_dataset, config.eval_split, config.eval_data_dir,
-                               config.download, fields='eval_',
-                               skip="--config.eval_dataset='' (no real-data evaluation)")
-                 if config.eval_dataset else None)
+  if eval_source is None and config.eval_dataset:
+    eval_source = ip.get_source(config.eval_dataset, config.eval_split, config.eval_data_dir,
+                                config.download, fields='eval_',
+                                skip="--config.eval_dataset='' (no real-data evaluation)")
   if eval_source is not None and eval_source.num_classes != train_source.num_classes:
     raise ValueError(f'Train data has {train_source.num_classes} classes but eval dataset '
                      f'{config.eval_dataset!r} has {eval_source.num_classes}.')
@@ -77,6 +80,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       'soft_labels': config.soft_labels if config.loss == 'distillation' else None,
       'num_train_steps': result['num_train_steps'],
       'eval_data': config.eval_dataset or None, 'eval_split': config.eval_split or None,
+      'num_eval_examples': eval_source.num_examples if eval_source is not None else 0,
       'eval_accuracy': result['eval'].get('accuracy'), 'eval_loss': result['eval'].get('loss'),
       'model_dir': os.path.join(workdir, 'model'), 'wall_time_s': result['wall_time_s'],
   }
