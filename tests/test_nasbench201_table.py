@@ -74,6 +74,15 @@ def test_a_cell_not_in_the_table_is_a_key_error_naming_it_and_the_path(tmp_path)
     table.row((0, 1, 5, 0, 0, 0))
 
 
+def test_in_tells_the_cells_a_table_holds(tmp_path):
+  table = table_of(tmp_path, entries())
+  for arch in ARCHS:
+    assert arch in table and list(arch) in table and nb201.arch_to_string(arch) in table
+  assert (1, 1, 1, 1, 1, 1) not in table
+  with pytest.raises(ValueError, match='6 op indices'):
+    (0, 1, 5, 0, 0, 0) in table  # noqa: B015  # not a cell: an error, as for row()
+
+
 def test_missing_validation_accuracy_is_nan(tmp_path):
   rows = entries()
   del rows[0][nasbench201.VALID_FIELD]

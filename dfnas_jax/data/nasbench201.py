@@ -57,12 +57,17 @@ class Table:
       ValueError: `arch` is not a NAS-Bench-201 cell (the codec's message).
       KeyError: `arch` is a cell this table lacks.
     """
-    ops = nb201.arch_from_string(arch) if isinstance(arch, str) else nb201.check(arch)
+    ops = _ops(arch)
     try:
       return self._rows[ops]
     except KeyError:
       raise KeyError(f'{nb201.arch_to_string(ops)!r} is not in the NAS-Bench-201 table '
                      f'{self.path} ({len(self)} architectures).') from None
+
+  def __contains__(self, arch: ArchLike) -> bool:
+    """Whether the table has `arch` (a table may hold some cells only); ValueError when
+    `arch` is not a NAS-Bench-201 cell, as `row`."""
+    return _ops(arch) in self._rows
 
   def test_accuracy_of(self, arch: ArchLike) -> float:
     """200-epoch CIFAR-10 test accuracy (%) of `arch`."""
@@ -99,6 +104,10 @@ class Table:
         'benchmark_size': len(self),
         'benchmark_best_test_accuracy': float(self.test_accuracy[self.best()]),
     }
+
+
+def _ops(arch: ArchLike) -> nb201.Arch:
+  return nb201.arch_from_string(arch) if isinstance(arch, str) else nb201.check(arch)
 
 
 def _accuracy(value: Any, field: str, position: int, path: str) -> float:

@@ -233,24 +233,16 @@ def train_cell(config, workdir: str, data: search_data.SearchData,
                      train_source=data.train, eval_source=data.val)
 
 
-def _in_table(table: nasbench201.Table, ops) -> bool:
-  try:
-    table.row(ops)
-  except KeyError:  # a table of some cells only
-    return False
-  return True
-
-
 def _table_facts(table: Optional[nasbench201.Table], ops) -> Dict[str, Any]:
   if table is None:
     return {}
-  return table.summary_entry(ops) if _in_table(table, ops) else {'benchmark_test_accuracy': None}
+  return table.summary_entry(ops) if ops in table else {'benchmark_test_accuracy': None}
 
 
 def benchmark_statistics(table: nasbench201.Table, cells, combined) -> Dict[str, Any]:
   """The ranking of the drawn cells against the table: Kendall tau over the cells it has,
   the table accuracy of the zero-cost top-1, the best of the drawn cells."""
-  rows = [(i, table.test_accuracy_of(c)) for i, c in enumerate(cells) if _in_table(table, c)]
+  rows = [(i, table.test_accuracy_of(c)) for i, c in enumerate(cells) if c in table]
   if not rows:
     return {'cells_in_table': 0}
   index, accuracy = np.array([i for i, _ in rows]), np.array([a for _, a in rows])
@@ -309,7 +301,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   if table is not None:
     summary.update(_table_facts(table, best['ops']))
     summary['benchmark'] = benchmark_statistics(table, cells, combined)
-    known = [i for i, c in enumerate(cells) if _in_table(table, c)]
+    known = [i for i, c in enumerate(cells) if c in table]
     if jax.process_index() == 0 and known:
       shown = combined[known]
       plots.rank_scatter(
