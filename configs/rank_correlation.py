@@ -82,6 +82,9 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.variants = 'full,no_rlc,no_regional,deepinversion,gaussian_noise'
   c.synthesis = synthesize_config.get_config()
   c.synthesis.images_per_round, c.synthesis.num_rounds = 128, 2
+  # Reuse sets made once instead of synthesizing them: 'full=DIR,deepinversion=DIR' (the
+  # `synthetic` directory of a synthesize stage), each of the size `synthesis` makes.
+  c.synthetic_datasets = ''
 
   # Ground truth: real data with hard labels; every ranking is scored on eval_*.
   c.real_dataset = 'cifar10'

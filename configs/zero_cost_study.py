@@ -39,6 +39,9 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.num_groups = 2   # of each batch, for zico and teacher_agreement
   c.synthesis = synthesize_config.get_config()
   c.synthesis.images_per_round, c.synthesis.num_rounds = 128, 2  # as rank_correlation's
+  # Reuse sets made once instead of synthesizing them: 'full=DIR,deepinversion=DIR' (the
+  # `synthetic` directory of a synthesize stage), each of the size `synthesis` makes.
+  c.synthetic_datasets = ''
 
   c.real_dataset = 'cifar10'
   c.real_data_dir = config_dict.placeholder(str)

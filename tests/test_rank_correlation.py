@@ -81,6 +81,28 @@ def test_bad_configs_are_named():
     rc.check_config(config)
 
 
+def test_a_synthetic_set_made_once_is_reused_not_synthesized_again(tmp_path):
+  from dfnas_jax import stages
+  from dfnas_jax.configs import synthesize as synthesize_config
+  made = synthesize_config.get_config('smoke')
+  made.method = 'gaussian_noise'  # the same TFDS output, in seconds
+  directory = stages.run(made, str(tmp_path / 'made'))['dataset_dir']
+  config = rc_config.get_config('smoke')
+  config.update(variants='gaussian_noise,full', synthetic_datasets=f'gaussian_noise={directory}')
+  rc.check_config(config)
+  study = rc.Study(config, str(tmp_path / 'study'))
+  assert study.data('gaussian_noise') == directory
+  assert study.num_images('gaussian_noise') == 32
+  assert not (tmp_path / 'study').exists()  # nothing synthesized
+  config.synthetic_datasets = f'no_such_variant={directory}'
+  with pytest.raises(ValueError, match='no_such_variant=.* must be VARIANT=DIR'):
+    rc.check_config(config)
+  config.synthetic_datasets = f'full={directory}'
+  config.synthesis.num_rounds = 4
+  with pytest.raises(ValueError, match='holds 32 images.* = 64'):
+    rc.check_config(config)
+
+
 def _smoke(data_dir, **overrides):
   config = rc_config.get_config('smoke')
   config.update(num_architectures=2, variants='gaussian_noise', real_dataset='cifar10_jpeg',

@@ -219,4 +219,11 @@ def test_the_study_scores_cells_on_every_source(nb201_table_path, data_dir, tmp_
   assert (tmp_path / 'scatter_naswot.png').exists()
   # A rerun reads the saved cells back instead of scoring them again.
   assert stages.run(config, str(tmp_path))['kendall_tau'] == summary['kendall_tau']
+  # Another study reuses the synthetic set instead of synthesizing it again.
+  pool = lambda workdir: zero_cost_study.Sources(config, str(workdir)).pool(
+      'full', np.random.default_rng(0))
+  synthesized = pool(tmp_path)
+  config.synthetic_datasets = f'full={tmp_path / "data" / "full" / "synthetic"}'
+  np.testing.assert_array_equal(pool(tmp_path / 'reusing'), synthesized)
+  assert not (tmp_path / 'reusing').exists()
 

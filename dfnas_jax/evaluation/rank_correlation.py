@@ -174,7 +174,7 @@ class Study:
     self.config, self.workdir = config, workdir
     self.variants = variant_names(config)
     self.space = None if config.space == 'darts' else spos.one_shot_space(config.space)
-    self._data: Dict[str, str] = {}
+    self._data = search_data.reused_datasets(config, list(VARIANTS))
     self._real = None  # (the real training split, its labels), read once
     self._times: List[float] = []  # seconds per cell computed in this run, for the ETA
 
@@ -199,7 +199,7 @@ class Study:
     return value
 
   def data(self, variant: str) -> str:
-    """The synthetic dataset directory of `variant` (synthesized once)."""
+    """The synthetic dataset directory of `variant` (synthesized once, or reused)."""
     if variant not in self._data:
       sc = search_data.synthesis_config(self.config)
       sc.update(VARIANTS[variant])
@@ -324,6 +324,7 @@ def check_config(config) -> None:
     search_data.check_synthesis(search_data.synthesis_config(config), stored,
                                 config.synthetic_augment, config.train.image_size)
   variant_names(config)
+  search_data.reused_datasets(config, list(VARIANTS))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str):

@@ -72,6 +72,7 @@ def check_config(config) -> None:
   if config.num_batches < 1:
     raise ValueError(f'num_batches must be >= 1, got {config.num_batches}.')
   names = source_names(config)
+  search_data.reused_datasets(config, list(SYNTHETIC))
   if any(s in SYNTHETIC for s in names):
     search_data.check_synthesis(search_data.synthesis_config(config), False, 'crop',
                                 config.image_size)
@@ -103,6 +104,7 @@ class Sources:
     module, variables, _ = teachers.load(config.teacher, config.teacher_checkpoint or None)
     self._teacher = jax.jit(lambda x: module.apply(variables, x, train=False))
     self._real = None
+    self._reused = search_data.reused_datasets(config, list(SYNTHETIC))
 
   def _real_split(self):
     c = self.config
@@ -116,11 +118,13 @@ class Sources:
     c = self.config
     needed = c.batch_size * c.num_batches
     if name in SYNTHETIC:
-      sc = search_data.synthesis_config(c)
-      sc.update(SYNTHETIC[name])
-      summary = synthesize.load_or_run(sc, os.path.join(self.workdir, 'data', name))
-      return cell_scoring.read_images(ip.get_source(summary['dataset_dir'], 'train'),
-                                      c.image_size, 'crop')
+      directory = self._reused.get(name)
+      if directory is None:
+        sc = search_data.synthesis_config(c)
+        sc.update(SYNTHETIC[name])
+        directory = synthesize.load_or_run(
+            sc, os.path.join(self.workdir, 'data', name))['dataset_dir']
+      return cell_scoring.read_images(ip.get_source(directory, 'train'), c.image_size, 'crop')
     if name == 'noise':
       return rng.uniform(size=(num_synthetic(c), c.image_size, c.image_size, 3)).astype(
           np.float32)

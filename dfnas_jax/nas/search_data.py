@@ -51,6 +51,29 @@ def check_synthesis(synthesis, stored_logits: bool, augment: str, image_size: in
     trainer.check_stored_view('the synthesized data', augment, image_size, *ip.synthetic_view(s))
 
 
+def reused_datasets(config, synthetic: Sequence[str]) -> Dict[str, str]:
+  """`config.synthetic_datasets` ('variant=DIR,...'): synthetic sets made once (by the
+  synthesize stage, a search or another study) that a study reads instead of synthesizing
+  them. Each must name one of `synthetic` and hold as many images as `config.synthesis`
+  makes, as the variants it synthesizes and its real_same_count do; checked before work."""
+  reused = {}
+  for entry in filter(None, (e.strip() for e in config.synthetic_datasets.split(','))):
+    variant, sep, directory = (part.strip() for part in entry.partition('='))
+    if not sep or not directory or variant not in synthetic:
+      raise ValueError(f'synthetic_datasets: {entry!r} must be VARIANT=DIR with VARIANT one '
+                       f'of the synthetic variants {list(synthetic)}.')
+    count = ip.get_source(directory, 'train').num_examples
+    expected = config.synthesis.images_per_round * config.synthesis.num_rounds
+    if count != expected:
+      raise ValueError(
+          f'synthetic_datasets: {directory} holds {count} images, but the study compares '
+          f'sets of synthesis.images_per_round x num_rounds = {expected}: set those to make '
+          f'{count} (e.g. --config.synthesis.images_per_round={count // 2} '
+          '--config.synthesis.num_rounds=2).')
+    reused[variant] = directory
+  return reused
+
+
 def check_search_data(config, loss: str, augment: str, image_size: int,
                       per_class: Optional[int] = None) -> None:
   """`check_synthesis` for a search that trains with `loss` on `augment`ed views; a
