@@ -164,6 +164,23 @@ def curves(panels: Dict[str, Dict[str, Tuple[Sequence[float], Sequence[float]]]]
   return _save(fig, path)
 
 
+def error_bar_lines(lines: Dict[str, Tuple[Sequence[float], Sequence[float], Sequence[float]]],
+                    path: str, xlabel: str, ylabel: str, log_x: bool = False) -> str:
+  """One line per entry {label: (x, y, error)} with error bars, saved to `path`."""
+  fig, ax = plt.subplots(figsize=(5.5, 3.8))
+  for label, (x, y, error) in lines.items():
+    ax.errorbar(x, y, yerr=error, marker='o', capsize=3, label=label)
+  if log_x:
+    ax.set_xscale('log', base=2)
+  ax.set_xlabel(xlabel, fontsize=8)
+  ax.set_ylabel(ylabel, fontsize=8)
+  ax.tick_params(labelsize=7)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
 def soft_label_rounds(probs: np.ndarray, class_names: Sequence[str], path: str,
                       first_targets: Optional[Sequence[int]] = None) -> str:
   """Recursive label calibration, one row per image slot, one column per round.

@@ -171,8 +171,9 @@ def test_dataset_round_trip_and_label_calibration(teacher_dir, tmp_path, monkeyp
     synthesize.load_or_run(smoke_config(teacher_dir), str(moved))
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(teacher_dir, tmp_path, monkeypatch):
-  config = smoke_config(teacher_dir, label_calibration=True)
+@pytest.mark.parametrize('method', ['inversion', 'generator'])
+def test_interrupted_then_resumed_equals_uninterrupted(teacher_dir, tmp_path, monkeypatch, method):
+  config = smoke_config(teacher_dir, label_calibration=True, method=method)
   synthesize.run(config, str(tmp_path / 'straight'))
 
   real_write = ShardWriter.write
@@ -187,6 +188,12 @@ def test_interrupted_then_resumed_equals_uninterrupted(teacher_dir, tmp_path, mo
   assert len(files) == 2 and not any('tmp' in f for f in files)  # Only whole shards.
   monkeypatch.setattr(ShardWriter, 'write', real_write)
   killed_s = wd.read_json(str(tmp_path / 'resumed' / 'wall_time.json'))['2']
+  if method == 'generator':  # the generator the last written shard left is needed
+    kept = tmp_path / 'resumed' / 'generator' / 'after_shard_00001.msgpack'
+    kept.rename(tmp_path / 'aside')
+    with pytest.raises(FileNotFoundError, match='after_shard_00001.msgpack is missing'):
+      synthesize.run(config, str(tmp_path / 'resumed'))
+    (tmp_path / 'aside').rename(kept)
   summary = synthesize.run(config, str(tmp_path / 'resumed'))
   assert summary['wall_time_s'] > killed_s > 0  # the first attempt's two shards count
 
@@ -223,6 +230,36 @@ def test_bad_config_is_a_clear_error(teacher_dir, tmp_path):
     synthesize.run(smoke_config(teacher_dir, images_per_round=20), str(tmp_path))
   with pytest.raises(ValueError, match=r'canvas \(12\) must be at least window \(16\)'):
     synthesize.run(smoke_config(teacher_dir, canvas=12), str(tmp_path))
+
+
+def test_generator_images_lie_in_the_teachers_input_range_and_bad_settings_are_named():
+  from dfnas_jax.synthesis import generator
+  low, high = jnp.array([-2.0, -1.0, 0.0]), jnp.array([2.0, 1.0, 3.0])
+  module = generator.Generator(canvas=12, channels=8)
+  z = 50 * jax.random.normal(jax.random.PRNGKey(0), (3, 4))  # saturating latents
+  params = module.init(jax.random.PRNGKey(1), z, low, high)
+  images = module.apply(params, z, low, high)
+  assert images.shape == (3, 12, 12, 3)
+  assert jnp.all(images >= low) and jnp.all(images <= high)
+  assert float(jnp.std(images)) > 0.1  # not a constant
+  config = synthesize_config.get_config('smoke')
+  config.method = 'generator'
+  config.canvas = 42
+  with pytest.raises(ValueError, match=r'canvas \(42\) must be a multiple of 4'):
+    synthesize.check_config(config)
+  config.canvas, config.generator.meta_step = 40, 0.0
+  with pytest.raises(ValueError, match='meta_step must be in'):
+    synthesize.check_config(config)
+  # The generator's settings make a generator dataset's fingerprint, not an inversion's
+  # (whose datasets made before the generator existed stay reusable).
+  changed = synthesize_config.get_config('smoke')
+  changed.generator.lr = 1.0
+  assert synthesize.fingerprint(changed) == synthesize.fingerprint(
+      synthesize_config.get_config('smoke'))
+  config.generator.meta_step = 1.0
+  changed = config.copy_and_resolve_references()
+  changed.generator.lr = 1.0
+  assert synthesize.fingerprint(changed) != synthesize.fingerprint(config)
 
 
 def test_two_devices_equal_one_device(teacher_dir, tmp_path):
@@ -286,7 +323,7 @@ _LOSS_BATCH_SCRIPT = '''
 import json, sys
 import flax.linen as nn, jax, numpy as np
 from dfnas_jax.configs import synthesize
-from dfnas_jax.synthesis import inversion
+from dfnas_jax.synthesis import generator, inversion
 
 class Teacher(nn.Module):  # two conv + BN layers: compiles in seconds
   @nn.compact
@@ -318,13 +355,25 @@ for loss_batch in inversion.LOSS_BATCHES:
     carry = inverter.advance(carry, targets, keys, 1, step, 1, 2)
     terms.append({k: np.asarray(v).tolist() for k, v in carry[2].items()})
   out[loss_batch] = {'terms': terms, 'canvas': np.asarray(carry[0]).reshape(8, -1).tolist()}
+config.generator.update(channels=8, latent_dim=4)
+# Adam's eps above the rounding-level gradients of some weights, which it would otherwise
+# turn into +-lr steps either way (measured: 8 of 4467 weights 3e-4 apart with eps 1e-8).
+config.update(loss_batch='global', eps=1e-3)
+inverter = generator.GeneratorInverter(
+    module.apply, {'params': params, 'batch_stats': stats}, (0.5,) * 3, (0.25,) * 3,
+    inversion.settings_from_config(config), [(1, 2)], chunk_steps=1,
+    generator_settings=generator.settings_from_config(config))
+_, logits, weights = inverter.adapt(inverter.init_weights(0), targets, keys, first=False)
+out['generator'] = {'logits': np.asarray(logits).reshape(8, -1).tolist(), 'weights': np.concatenate(
+    [np.ravel(w) for w in jax.tree_util.tree_leaves(weights)]).tolist()}
 json.dump(out, open(sys.argv[1], 'w'))
 '''
 
 
 @pytest.mark.slow  # a second process with two devices
 def test_global_loss_batch_does_not_depend_on_the_device_count(tmp_path):
-  """One batch of 8 on 1 device or as 2 shards of 4: 'global' takes the same steps."""
+  """One batch of 8 on 1 device or as 2 shards of 4: 'global' takes the same steps, in
+  both methods."""
   runs = []
   for devices in (1, 2):
     # Unoptimized XLA: compiling is most of this test's time; both layouts get the same.
@@ -352,6 +401,10 @@ def test_global_loss_batch_does_not_depend_on_the_device_count(tmp_path):
   whole_bn = one['global']['terms'][0]['bn'][0]
   assert np.all(np.abs(shard_bn - whole_bn) > 5e-5 * whole_bn), (shard_bn, whole_bn)
   assert np.abs(np.subtract(two['device']['canvas'], one['device']['canvas'])).max() > 0.03
+  # Generator mode: the shared generator's gradient sums the shards' (the same weights
+  # after the batch, and the same images' logits).
+  np.testing.assert_allclose(two['generator']['weights'], one['generator']['weights'], atol=1e-5)
+  np.testing.assert_allclose(two['generator']['logits'], one['generator']['logits'], atol=1e-4)
 
 
 @pytest.mark.parametrize('soft_labels', ['teacher', 'stored'])

@@ -175,62 +175,86 @@ class Inverter:
     total = sum(weights.get(k, 0.0) * v for k, v in terms.items())
     return total, terms
 
+  def schedule(self, lr: float, num_steps: int) -> optax.Schedule:
+    warmup = min(self.settings.warmup_steps, max(num_steps - 1, 0))
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup),
+         optax.cosine_decay_schedule(lr, max(num_steps - warmup, 1))], [warmup])
+
   def optimizer(self, num_steps: int) -> optax.GradientTransformation:
     s = self.settings
-    warmup = min(s.warmup_steps, max(num_steps - 1, 0))
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, s.lr, warmup),
-         optax.cosine_decay_schedule(s.lr, max(num_steps - warmup, 1))], [warmup])
-    return optax.adam(schedule, b1=s.beta1, b2=s.beta2, eps=s.eps)
+    return optax.adam(self.schedule(s.lr, num_steps), b1=s.beta1, b2=s.beta2, eps=s.eps)
 
-  def _step(self, canvas, opt_state, targets, keys, step, variables, bad_step, bad_terms, *,
-            factor, stage_steps):
-    """One Adam step on the canvases; tracks the first step whose loss is not finite."""
-    tx = self.optimizer(stage_steps)
-    lo, hi = -self.mean / self.std, (1.0 - self.mean) / self.std
-    offsets, flips = sample_views(keys, step, factor, self.settings)
-    axis_name = AXIS if self.settings.loss_batch == 'global' else None
-    (_, terms), grad = jax.value_and_grad(self.loss_terms, has_aux=True)(
-        canvas, targets, offsets, flips, variables, factor, axis_name)
+  # What is optimized: here the canvases themselves; a subclass may optimize what makes
+  # them (synthesis/generator.py: a generator and its latents).
+
+  def canvas_of(self, params):
+    """The canvases (normalized input space) that `params` make."""
+    return params
+
+  def per_image(self, params):
+    """The part of `params` with one entry per image (placed as the batch is)."""
+    return params
+
+  def bounds(self):
+    """The normalized image of [0, 1]: where canvases must lie."""
+    return -self.mean / self.std, (1.0 - self.mean) / self.std
+
+  def project(self, params):
+    return jnp.clip(params, *self.bounds())
+
+  def reduce_gradient(self, grad, axis_name: Optional[str]):
     if axis_name:
       # pmap's gradient is that of the devices' summed losses: N copies of each whole-batch
       # term and N whole-batch means. Divided by N it is the one-batch gradient on any
       # number of devices (Adam's eps sees its scale).
-      grad = grad / jax.lax.psum(1, axis_name)
-    updates, opt_state = tx.update(grad, opt_state, canvas)
-    canvas = jnp.clip(optax.apply_updates(canvas, updates), lo, hi)
+      grad = jax.tree_util.tree_map(lambda g: g / jax.lax.psum(1, axis_name), grad)
+    return grad
+
+  def _step(self, params, opt_state, targets, keys, step, variables, bad_step, bad_terms, *,
+            factor, stage_steps):
+    """One Adam step on `params`; tracks the first step whose loss is not finite."""
+    tx = self.optimizer(stage_steps)
+    offsets, flips = sample_views(keys, step, factor, self.settings)
+    axis_name = AXIS if self.settings.loss_batch == 'global' else None
+    objective = lambda p: self.loss_terms(self.canvas_of(p), targets, offsets, flips, variables,
+                                          factor, axis_name)
+    (_, terms), grad = jax.value_and_grad(objective, has_aux=True)(params)
+    grad = self.reduce_gradient(grad, axis_name)
+    updates, opt_state = tx.update(grad, opt_state, params)
+    params = self.project(optax.apply_updates(params, updates))
     # Keep the terms of the first non-finite step: later steps are all NaN.
     first_bad = (bad_step < 0) & ~jnp.all(jnp.stack([jnp.isfinite(v) for v in terms.values()]))
     bad_step = jnp.where(first_bad, step, bad_step)
     bad_terms = jax.tree_util.tree_map(lambda new, old: jnp.where(first_bad, new, old),
                                        terms, bad_terms)
-    return canvas, opt_state, terms, bad_step, bad_terms
+    return params, opt_state, terms, bad_step, bad_terms
 
-  def _run_chunk(self, canvas, opt_state, targets, keys, first_step, variables, bad_step,
+  def _run_chunk(self, params, opt_state, targets, keys, first_step, variables, bad_step,
                  bad_terms, *, factor, num_steps, stage_steps):
     def body(i, carry):
       return self._step(carry[0], carry[1], targets, keys, first_step + i, variables,
                         carry[3], carry[4], factor=factor, stage_steps=stage_steps)
     return jax.lax.fori_loop(0, num_steps, body,
-                             (canvas, opt_state, bad_terms, bad_step, bad_terms))
+                             (params, opt_state, bad_terms, bad_step, bad_terms))
 
-  def _final(self, canvas, variables):
+  def _final(self, params, variables):
     """uint8 canvases and the teacher's logits on their centre windows."""
-    pixels = canvas * self.std + self.mean
+    pixels = self.canvas_of(params) * self.std + self.mean
     logits = self.apply_fn(variables, centre_window(pixels, self.settings), train=False)
     return jnp.round(jnp.clip(pixels, 0.0, 1.0) * 255).astype(jnp.uint8), logits
 
   def _init(self, keys):
     shape = (self.settings.canvas, self.settings.canvas, 3)
     noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0x5EED), shape))(keys)
-    return jnp.clip(noise, -self.mean / self.std, (1.0 - self.mean) / self.std)
+    return jnp.clip(noise, *self.bounds())
 
   # --- host side ---
 
   @functools.lru_cache(maxsize=None)
   def chunk_fn(self, factor: int, num_steps: int, stage_steps: int):
-    """pmap-ed (canvas, opt_state, targets, keys, first_step, variables, bad_step,
-    bad_terms) -> (canvas, opt_state, last terms, bad_step, bad_terms) after
+    """pmap-ed (params, opt_state, targets, keys, first_step, variables, bad_step,
+    bad_terms) -> (params, opt_state, last terms, bad_step, bad_terms) after
     `num_steps` steps: a device-side loop, or one step when num_steps is 0."""
     if num_steps:
       fn = functools.partial(self._run_chunk, factor=factor, num_steps=num_steps,
@@ -249,10 +273,10 @@ class Inverter:
     2.0 vs 0.30 s per ResNet-20 step at batch 128), so there each step is its own
     asynchronous dispatch with donated buffers.
     """
-    canvas, opt_state, _, bad_step, bad_terms = carry
+    params, opt_state, _, bad_step, bad_terms = carry
     if self.loop_on_device:
       return self.chunk_fn(factor, num_steps, stage_steps)(
-          canvas, opt_state, targets, keys, first_step, self.variables, bad_step, bad_terms)
+          params, opt_state, targets, keys, first_step, self.variables, bad_step, bad_terms)
     step = self.chunk_fn(factor, 0, stage_steps)
     for i in range(num_steps):
       carry = step(carry[0], carry[1], targets, keys, first_step + i, self.variables,
@@ -280,22 +304,29 @@ class Inverter:
     FloatingPointError naming `name`, the step and the offending terms. Returns
     (uint8 canvases, logits), both [devices, per_device, ...] numpy arrays.
     """
-    canvas = self.init_canvas_fn(keys)
-    n = canvas.shape[0]
+    params = self.optimize(self.init_canvas_fn(keys), targets, keys, on_chunk, name)
+    return self.finish(params)
+
+  def optimize(self, params, targets: np.ndarray, keys: jax.Array, on_chunk=None,
+               name: str = 'batch', stages: Optional[Sequence[Tuple[int, int]]] = None):
+    """`params` (device-sharded) after the resolution `stages` (default the Inverter's),
+    each with a fresh optimizer; see `synthesize`."""
+    placed = self.per_image(params)
+    n = placed.shape[0]
     # Every input placed as the step's outputs are (one shard per device): an input
     # placed otherwise would compile the step a second time.
-    shard = lambda x: jax.device_put(x, canvas.sharding)
+    shard = lambda x: jax.device_put(x, placed.sharding)
     targets, keys = shard(np.asarray(targets, np.float32)), shard(keys)
     no_terms = {k: shard(np.zeros((n,), np.float32)) for k in LOSS_TERMS}
     bad_step = shard(np.full((n,), -1, np.int32))
     done = 0
-    for factor, stage_steps in self.stages:
-      carry = (canvas, self.init_optimizer_fn(stage_steps)(canvas), no_terms, bad_step, no_terms)
+    for factor, stage_steps in stages or self.stages:
+      carry = (params, self.init_optimizer_fn(stage_steps)(params), no_terms, bad_step, no_terms)
       for first in range(0, stage_steps, self.chunk_steps):
         num_steps = min(self.chunk_steps, stage_steps - first)
         carry = self.advance(carry, targets, keys, factor, first, num_steps, stage_steps)
         done += num_steps
-        canvas, _, terms, bad_step, bad_terms = carry
+        params, _, terms, bad_step, bad_terms = carry
         bad_host, bad_terms = jax.device_get((bad_step, bad_terms))
         for device in np.flatnonzero(bad_host >= 0)[:1]:
           values = {k: float(v[device]) for k, v in bad_terms.items()}
@@ -306,5 +337,10 @@ class Inverter:
               f'({values}). Check the teacher weights or lower the learning rate.')
         if on_chunk is not None:
           on_chunk(done, {k: float(np.mean(v)) for k, v in jax.device_get(terms).items()})
-    images, logits = self.final_fn(canvas, self.variables)
+    return params
+
+  def finish(self, params):
+    """(uint8 canvases, the teacher's logits on their centre windows) of `params`, as
+    [devices, per_device, ...] numpy arrays."""
+    images, logits = self.final_fn(params, self.variables)
     return np.asarray(images), np.asarray(logits)

@@ -25,11 +25,12 @@ from jax.experimental import multihost_utils
 
 from dfnas_jax import models, plots, teachers
 from dfnas_jax import workdir as wd
+from dfnas_jax.synthesis import generator as generator_lib
 from dfnas_jax.synthesis import inversion
 from dfnas_jax.synthesis.writer import ShardWriter
 from dfnas_jax.train import loop
 
-METHODS = ('inversion', 'gaussian_noise')
+METHODS = ('inversion', 'generator', 'gaussian_noise')
 
 
 def hard_targets(num_images: int, num_classes: int, seed: int) -> np.ndarray:
@@ -70,6 +71,8 @@ def check_config(config, num_local_devices: Optional[int] = None,
                      f'must divide evenly over {num_processes} processes.')
   if config.num_rounds < 1:
     raise ValueError(f'num_rounds must be >= 1, got {config.num_rounds}')
+  if config.method == 'generator':
+    generator_lib.check_config(config)
 
 
 # Fields that change how a run is shown or split into dispatches, not the images.
@@ -77,8 +80,10 @@ _NOT_IN_FINGERPRINT = ('stage', 'output_dir', 'chunk_steps', 'preview_images')
 
 
 def fingerprint(config) -> str:
-  """A hash of every config field that determines the dataset."""
-  fields = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_FINGERPRINT}
+  """A hash of every config field that determines the dataset (the generator's only in
+  generator mode)."""
+  skip = _NOT_IN_FINGERPRINT + (() if config.method == 'generator' else ('generator',))
+  fields = {k: v for k, v in config.to_dict().items() if k not in skip}
   return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -129,8 +134,13 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   steps_per_batch = sum(steps for _, steps in stages)
   out_dir = output_dir(config, workdir)
   writer = ShardWriter(out_dir, num_shards, spec.num_classes, settings.canvas)
-  inverter = inversion.Inverter(module.apply, variables, module.mean, module.std, settings,
-                                stages, config.chunk_steps)
+  if config.method == 'generator':
+    inverter = generator_lib.GeneratorInverter(
+        module.apply, variables, module.mean, module.std, settings, stages, config.chunk_steps,
+        generator_settings=generator_lib.settings_from_config(config))
+  else:
+    inverter = inversion.Inverter(module.apply, variables, module.mean, module.std, settings,
+                                  stages, config.chunk_steps)
   classes = hard_targets(config.images_per_round, spec.num_classes, config.seed)
 
   # Each host owns whole batch columns (all rounds of batch b), so the round r-1
@@ -141,6 +151,15 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   logging.info('Synthesis: %d of %d shards of %d images to do on this host (%d already done).',
                len(todo), len(mine), config.batch_size, len(mine) - len(todo))
   stopwatch = wd.Stopwatch(workdir, len(mine) - len(todo))
+  weights = None
+  if config.method == 'generator' and todo:  # this host's chain of generators, in shard order
+    start = mine.index(todo[0])
+    if todo != mine[start:]:
+      raise ValueError(f'{out_dir}: generator mode makes shards in order, but the written '
+                       f"ones are not the first of this host's ({sorted(set(mine) - set(todo))}).")
+    weights = inverter.init_weights(config.seed)
+    if start:
+      weights = generator_lib.load(workdir, mine[start - 1], weights)
   metric_writer = loop.make_writer(workdir)
   report = periodic_actions.ReportProgress(
       num_train_steps=max(len(todo) * steps_per_batch, 1), writer=metric_writer, every_secs=30)
@@ -159,9 +178,15 @@ def run(config: ml_collections.ConfigDict, workdir: str):
       report(offset + steps_done)
       metric_writer.write_scalars(offset + steps_done, {f'loss_{k}': v for k, v in terms.items()})
 
-    images, logits = inverter.synthesize(targets.reshape(n_dev, -1, spec.num_classes),
-                                         keys.reshape(n_dev, -1, *keys.shape[1:]), on_chunk,
-                                         name=f'round {round_index}, batch {b}')
+    sharded = (targets.reshape(n_dev, -1, spec.num_classes),
+               keys.reshape(n_dev, -1, *keys.shape[1:]))
+    name = f'round {round_index}, batch {b}'
+    if weights is not None:
+      images, logits, weights = inverter.adapt(weights, *sharded, shard == mine[0], on_chunk,
+                                               name=name)
+      generator_lib.save(workdir, shard, weights)  # before the shard: a resume needs both
+    else:
+      images, logits = inverter.synthesize(*sharded, on_chunk, name=name)
     images, logits = images.reshape(batch, *images.shape[2:]), logits.reshape(batch, -1)
     writer.write(shard, [
         {'image': images[i], 'logits': logits[i], 'label': int(logits[i].argmax()),
