@@ -101,8 +101,8 @@ class Sources:
 
   def __init__(self, config, workdir: str):
     self.config, self.workdir = config, workdir
-    module, variables, _ = teachers.load(config.teacher, config.teacher_checkpoint or None)
-    self._teacher = jax.jit(lambda x: module.apply(variables, x, train=False))
+    self._soft_labels = cell_scoring.teacher_soft_labels(config.teacher,
+                                                         config.teacher_checkpoint)
     self._real = None
     self._reused = search_data.reused_datasets(config, list(SYNTHETIC))
 
@@ -141,12 +141,8 @@ class Sources:
     c = self.config
     rng = np.random.default_rng([c.seed, index])
     pool = self.pool(name, rng)
-    rows = rng.permutation(len(pool))[:c.batch_size * c.num_batches]
-    out = []
-    for b in range(c.num_batches):
-      images = jnp.asarray(pool[rows[b * c.batch_size:(b + 1) * c.batch_size]])
-      out.append((images, jax.nn.softmax(self._teacher(images))))
-    return out
+    return cell_scoring.labelled_batches(pool, rng.permutation(len(pool)), c.batch_size,
+                                         c.num_batches, self._soft_labels)
 
 
 def _statistics(scores, truth, config) -> Dict:

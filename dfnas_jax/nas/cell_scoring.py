@@ -6,10 +6,12 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import periodic_actions
 
+from dfnas_jax import teachers
 from dfnas_jax import workdir as wd
 from dfnas_jax.data import input_pipeline as ip
 from dfnas_jax.train import loop
@@ -23,6 +25,26 @@ def read_images(source: ip.DataSource, image_size: int, augment: str) -> np.ndar
     keep = batch['mask'].reshape(-1) > 0
     images.append(batch['image'].reshape((-1,) + batch['image'].shape[2:])[keep])
   return np.concatenate(images)
+
+
+def teacher_soft_labels(teacher: str, checkpoint: str = '') -> Callable[[np.ndarray], np.ndarray]:
+  """softmax of the teacher's logits on images of any size (resized to its input size, as
+  the stages label a student's view), loaded once."""
+  module, variables, spec = teachers.load(teacher, checkpoint or None)
+  resized = teachers.AtInputSize(module, spec.image_size)
+  apply = jax.jit(lambda x: jax.nn.softmax(resized.apply(variables, x, train=False)))
+  return lambda images: np.asarray(apply(jnp.asarray(images)))
+
+
+def labelled_batches(images: np.ndarray, rows: np.ndarray, batch_size: int, num_batches: int,
+                     soft_labels: Callable[[np.ndarray], np.ndarray]):
+  """[(images, soft labels)] * num_batches: consecutive `batch_size` of `rows` of `images`,
+  with `soft_labels` of them (`teacher_soft_labels`)."""
+  batches = []
+  for b in range(num_batches):
+    x = images[rows[b * batch_size:(b + 1) * batch_size]]
+    batches.append((jnp.asarray(x), jnp.asarray(soft_labels(x))))
+  return batches
 
 
 def score_cells(path: str, strings: Sequence[str], score: Callable[[int], Dict[str, Any]],

@@ -386,13 +386,6 @@ def init_supernet(model: nn.Module, seed: int, image_shape=(32, 32, 3)) -> Dict[
                     jnp.zeros((nb201.NUM_EDGES,), jnp.int32))
 
 
-def teacher_probabilities(teacher_apply: Callable, images, batch_size: int = 256) -> np.ndarray:
-  """softmax(teacher logits) of `images`, batch by batch."""
-  out = [np.asarray(jax.nn.softmax(teacher_apply(images[i:i + batch_size])))
-         for i in range(0, len(images), batch_size)]
-  return np.concatenate(out)
-
-
 def mean_rank(columns: Dict[str, Sequence[float]]) -> np.ndarray:
   """The mean over estimators of each cell's rank by that estimator (1 = lowest score; ties
   share their mean rank; an undefined score ranks last): higher is better, as a score."""

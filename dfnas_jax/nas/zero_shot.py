@@ -159,15 +159,9 @@ def scoring_batches(config, source: ip.DataSource):
   check_scoring_images(config, source.num_examples)
   images = cell_scoring.read_images(source, config.image_size, config.retrain.augment)
   rows = np.random.default_rng(config.seed).permutation(len(images))
-  module, variables, spec = teachers.load(config.teacher, config.teacher_checkpoint or None)
-  teacher = teachers.AtInputSize(module, spec.image_size)
-  apply = jax.jit(lambda x: teacher.apply(variables, x, train=False))
-  size = config.batch_size
-  batches = []
-  for b in range(config.num_batches):
-    x = images[rows[b * size:(b + 1) * size]]
-    batches.append((jnp.asarray(x), jnp.asarray(zc.teacher_probabilities(apply, x))))
-  return batches
+  return cell_scoring.labelled_batches(
+      images, rows, config.batch_size, config.num_batches,
+      cell_scoring.teacher_soft_labels(config.teacher, config.teacher_checkpoint))
 
 
 def score(config, workdir: str, cells: List[nb201.Arch], train: ip.DataSource) -> List[Dict]:
