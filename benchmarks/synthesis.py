@@ -1,6 +1,6 @@
 """Throughput of the inversion update: steps/s, images x steps/s, achieved FLOP/s.
 
-  python benchmarks/synthesis.py --teacher=cifar10_resnet20 --batch_size=128 \
+  python benchmarks/synthesis.py --teacher=cifar10_resnet20 --batch_size=128 --method=inversion \
       --canvas=40 --window=32 --steps=20
 
 Weights do not change the cost, so the teacher's architecture runs with random
@@ -9,13 +9,14 @@ one compiled step (not reported on GPU, whose analysis omits cuDNN convolutions)
 """
 import time
 
+import flax.jax_utils
 import jax
 import numpy as np
 from absl import app, flags
 
 from dfnas_jax import teachers
 from dfnas_jax.configs import synthesize as synthesize_config
-from dfnas_jax.synthesis import inversion
+from dfnas_jax.synthesis import generator, inversion
 from dfnas_jax.train import state as state_lib
 
 
@@ -31,22 +32,29 @@ def compiled_flops(jitted, *args) -> float:
 
 
 def measure(teacher: str = 'cifar10_resnet20', batch_size: int = 128, canvas: int = 40,
-            window: int = 32, factor: int = 1, steps: int = 20, repeats: int = 3):
-  """{'step_s', 'flops_per_step', 'device_loop'} of the inversion update on all local devices."""
+            window: int = 32, factor: int = 1, steps: int = 20, repeats: int = 3,
+            method: str = 'inversion'):
+  """{'step_s', 'flops_per_step', 'device_loop'} of the inversion update (method
+  'generator': of the generator mode's) on all local devices."""
   spec = teachers.get(teacher)
   module = spec.module()
   variables = state_lib.init_variables(module, jax.random.PRNGKey(0), window)
   config = synthesize_config.get_config()
   config.update(canvas=canvas, window=window)
   settings = inversion.settings_from_config(config)
-  inverter = inversion.Inverter(module.apply, variables, module.mean, module.std, settings,
-                                [(factor, steps)], chunk_steps=steps)
+  args = (module.apply, variables, module.mean, module.std, settings, [(factor, steps)])
   n = jax.local_device_count()
   keys = inversion.image_keys(0, 0, np.arange(batch_size)).reshape(n, -1, 2)
   targets = jax.numpy.asarray(np.eye(spec.num_classes, dtype=np.float32)[
       np.arange(batch_size) % spec.num_classes].reshape(n, -1, spec.num_classes))
-
-  canvases = inverter.init_canvas_fn(keys)
+  if method == 'generator':
+    inverter = generator.GeneratorInverter(
+        *args, chunk_steps=steps, generator_settings=generator.settings_from_config(config))
+    canvases = {'generator': flax.jax_utils.replicate(inverter.init_weights(0)),
+                'latent': jax.pmap(inverter.latents)(keys)}
+  else:
+    inverter = inversion.Inverter(*args, chunk_steps=steps)
+    canvases = inverter.init_canvas_fn(keys)
   no_terms = {k: jax.numpy.zeros((n,)) for k in inversion.LOSS_TERMS}
   carry = (canvases, inverter.init_optimizer_fn(steps)(canvases), no_terms,
            jax.numpy.full((n,), -1, jax.numpy.int32), no_terms)
@@ -69,10 +77,11 @@ def measure(teacher: str = 'cifar10_resnet20', batch_size: int = 128, canvas: in
 
 def main(_):
   r = measure(FLAGS.teacher, FLAGS.batch_size, FLAGS.canvas, FLAGS.window, FLAGS.factor,
-              FLAGS.steps, FLAGS.repeats)
+              FLAGS.steps, FLAGS.repeats, FLAGS.method)
   step_time, flops_per_step = r['step_s'], r['flops_per_step']
   print(f'backend={jax.default_backend()} devices={jax.local_device_count()} '
-        f'teacher={FLAGS.teacher} batch={FLAGS.batch_size} canvas={FLAGS.canvas} '
+        f'method={FLAGS.method} teacher={FLAGS.teacher} batch={FLAGS.batch_size} '
+        f'canvas={FLAGS.canvas} '
         f'window={FLAGS.window} factor={FLAGS.factor} device_loop={r["device_loop"]}')
   print(f'step_ms={step_time * 1e3:.1f} steps_per_s={1 / step_time:.2f} '
         f'image_steps_per_s={FLAGS.batch_size / step_time:.0f} '
@@ -88,5 +97,6 @@ if __name__ == '__main__':
   flags.DEFINE_integer('factor', 1, 'Resolution factor of the measured stage (2 = half).')
   flags.DEFINE_integer('steps', 20, 'Steps per timed dispatch.')
   flags.DEFINE_integer('repeats', 3, 'Timed dispatches (after one warm-up).')
+  flags.DEFINE_enum('method', 'inversion', ['inversion', 'generator'], 'What is optimized.')
   FLAGS = flags.FLAGS
   app.run(main)

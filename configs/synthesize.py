@@ -4,6 +4,7 @@ multi-resolution), written as a TFDS dataset under WORKDIR/synthetic.
   python -m dfnas_jax.main --config=configs/synthesize.py        # 512 images, ~6 min on 2 CPU cores
   python -m dfnas_jax.main --config=configs/synthesize.py:smoke  # seconds, for tests
   python -m dfnas_jax.main --config=configs/synthesize.py:fast   # 60 steps per batch, not 300
+  python -m dfnas_jax.main --config=configs/synthesize.py:generator  # 28 steps a batch
   python -m dfnas_jax.main --config=configs/synthesize.py:imagenet \
       --config.teacher_checkpoint=resnet50.pth
 
@@ -13,7 +14,7 @@ Ablations: --config.label_calibration=False (hard targets every round),
 """
 import ml_collections
 
-PRESETS = ('', 'smoke', 'imagenet', 'fast')
+PRESETS = ('', 'smoke', 'imagenet', 'fast', 'generator')
 
 
 def get_config(preset: str = '') -> ml_collections.ConfigDict:
@@ -89,6 +90,10 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
     c.preview_images = 8
   elif preset == 'fast':  # a fifth of the steps, a fifth of the cost (docs/data_quality.md)
     c.low_res_steps, c.full_res_steps, c.warmup_steps = 40, 20, 5
+  elif preset == 'generator':  # a carried generator: few steps a batch (docs/data_quality.md)
+    c.method = 'generator'
+    c.low_res_steps, c.full_res_steps, c.warmup_steps = 16, 12, 2
+    c.generator.channels = 16
   elif preset == 'imagenet':
     c.teacher = 'resnet50'
     c.images_per_round, c.num_rounds, c.batch_size = 1000, 10, 100
