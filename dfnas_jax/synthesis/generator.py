@@ -123,7 +123,8 @@ class GeneratorInverter(inversion.Inverter):
     params = self.generator.init(jax.random.PRNGKey(seed), z, *self.bounds())['params']
     return jax.device_get(params)
 
-  def _latents(self, keys):
+  def latents(self, keys):
+    """Each image's initial latent, from its key."""
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0x5EED),
                                                 (self.g.latent_dim,)))(keys)
 
@@ -131,7 +132,7 @@ class GeneratorInverter(inversion.Inverter):
             name: str = 'batch'):
     """(uint8 canvases, logits, the carried weights after this batch) for one
     device-sharded batch, starting from the carried `weights` (host numpy)."""
-    latent = jax.pmap(self._latents, axis_name=inversion.AXIS)(keys)
+    latent = jax.pmap(self.latents, axis_name=inversion.AXIS)(keys)
     params = {'generator': flax.jax_utils.replicate(weights), 'latent': latent}
     stages = [(f, steps * (self.g.warmup if first else 1)) for f, steps in self.stages]
     params = self.optimize(params, targets, keys, on_chunk, name, stages)
