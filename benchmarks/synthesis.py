@@ -33,7 +33,7 @@ def compiled_flops(jitted, *args) -> float:
 
 def measure(teacher: str = 'cifar10_resnet20', batch_size: int = 128, canvas: int = 40,
             window: int = 32, factor: int = 1, steps: int = 20, repeats: int = 3,
-            method: str = 'inversion'):
+            method: str = 'inversion', generator_channels: int = 16):
   """{'step_s', 'flops_per_step', 'device_loop'} of the inversion update (method
   'generator': of the generator mode's) on all local devices."""
   spec = teachers.get(teacher)
@@ -41,6 +41,7 @@ def measure(teacher: str = 'cifar10_resnet20', batch_size: int = 128, canvas: in
   variables = state_lib.init_variables(module, jax.random.PRNGKey(0), window)
   config = synthesize_config.get_config()
   config.update(canvas=canvas, window=window)
+  config.generator.channels = generator_channels
   settings = inversion.settings_from_config(config)
   args = (module.apply, variables, module.mean, module.std, settings, [(factor, steps)])
   n = jax.local_device_count()
@@ -77,7 +78,7 @@ def measure(teacher: str = 'cifar10_resnet20', batch_size: int = 128, canvas: in
 
 def main(_):
   r = measure(FLAGS.teacher, FLAGS.batch_size, FLAGS.canvas, FLAGS.window, FLAGS.factor,
-              FLAGS.steps, FLAGS.repeats, FLAGS.method)
+              FLAGS.steps, FLAGS.repeats, FLAGS.method, FLAGS.generator_channels)
   step_time, flops_per_step = r['step_s'], r['flops_per_step']
   print(f'backend={jax.default_backend()} devices={jax.local_device_count()} '
         f'method={FLAGS.method} teacher={FLAGS.teacher} batch={FLAGS.batch_size} '
@@ -98,5 +99,6 @@ if __name__ == '__main__':
   flags.DEFINE_integer('steps', 20, 'Steps per timed dispatch.')
   flags.DEFINE_integer('repeats', 3, 'Timed dispatches (after one warm-up).')
   flags.DEFINE_enum('method', 'inversion', ['inversion', 'generator'], 'What is optimized.')
+  flags.DEFINE_integer('generator_channels', 16, 'method=generator: its channels.')
   FLAGS = flags.FLAGS
   app.run(main)
