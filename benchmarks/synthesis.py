@@ -52,7 +52,7 @@ def measure(teacher: str = 'cifar10_resnet20', batch_size: int = 128, canvas: in
     inverter = generator.GeneratorInverter(
         *args, chunk_steps=steps, generator_settings=generator.settings_from_config(config))
     canvases = {'generator': flax.jax_utils.replicate(inverter.init_weights(0)),
-                'latent': jax.pmap(inverter.latents)(keys)}
+                'latent': inverter.latents_fn(keys)}
   else:
     inverter = inversion.Inverter(*args, chunk_steps=steps)
     canvases = inverter.init_canvas_fn(keys)

@@ -15,6 +15,7 @@ The carried generator is saved after every batch (before the batch's shard), so 
 run resumes from the one the last written shard left, and makes the same bytes.
 """
 import dataclasses
+import functools
 import os
 from typing import Optional
 
@@ -128,11 +129,15 @@ class GeneratorInverter(inversion.Inverter):
     return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0x5EED),
                                                 (self.g.latent_dim,)))(keys)
 
+  @functools.cached_property
+  def latents_fn(self):
+    return jax.pmap(self.latents, axis_name=inversion.AXIS)
+
   def adapt(self, weights, targets: np.ndarray, keys: jax.Array, first: bool, on_chunk=None,
             name: str = 'batch'):
     """(uint8 canvases, logits, the carried weights after this batch) for one
     device-sharded batch, starting from the carried `weights` (host numpy)."""
-    latent = jax.pmap(self.latents, axis_name=inversion.AXIS)(keys)
+    latent = self.latents_fn(keys)
     params = {'generator': flax.jax_utils.replicate(weights), 'latent': latent}
     stages = [(f, steps * (self.g.warmup if first else 1)) for f, steps in self.stages]
     params = self.optimize(params, targets, keys, on_chunk, name, stages)
