@@ -160,9 +160,13 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     weights = inverter.init_weights(config.seed)
     if start:
       weights = generator_lib.load(workdir, mine[start - 1], weights)
+  # The steps each shard takes: the generator's first batch runs `warmup` times them.
+  shard_steps = {s: steps_per_batch * (config.generator.warmup if weights is not None
+                                       and s == mine[0] else 1) for s in todo}
   metric_writer = loop.make_writer(workdir)
   report = periodic_actions.ReportProgress(
-      num_train_steps=max(len(todo) * steps_per_batch, 1), writer=metric_writer, every_secs=30)
+      num_train_steps=max(sum(shard_steps.values()), 1), writer=metric_writer, every_secs=30)
+  offset = 0
 
   for done_shards, shard in enumerate(todo):
     round_index, b = divmod(shard, batches_per_round)
@@ -172,7 +176,6 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     else:
       targets = np.eye(spec.num_classes, dtype=np.float32)[classes[indices]]
     keys = inversion.image_keys(config.seed, round_index, indices)
-    offset = done_shards * steps_per_batch
 
     def on_chunk(steps_done, terms, offset=offset):
       report(offset + steps_done)
@@ -195,6 +198,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     logging.info('Synthesized round %d batch %d: %d/%d shards on this host.', round_index, b,
                  len(mine) - len(todo) + done_shards + 1, len(mine))
     stopwatch.mark(len(mine) - len(todo) + done_shards + 1)
+    offset += shard_steps[shard]
 
   if n_proc > 1:
     multihost_utils.sync_global_devices('synthesis shards written')
