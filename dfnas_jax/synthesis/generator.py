@@ -49,7 +49,7 @@ def settings_from_config(config) -> GeneratorSettings:
 
 def check_config(config) -> None:
   g = config.generator
-  canvas = config.canvas if config.regional_update else config.window
+  canvas = inversion.settings_from_config(config).canvas
   if canvas % 4:
     raise ValueError(f'The generator upsamples twice by 2: the canvas ({canvas}) must be a '
                      'multiple of 4.')
