@@ -6,10 +6,12 @@ steps on it (soft labels from the teacher, recomputed on each augmented crop)
 and scores it on a real held-out split:
 
   gaussian_noise  teacher-labelled N(0, 1) noise, no optimization
-  deepinversion   hard targets, canvas = window (jitter only), one resolution
+  deepinversion   per-image inversion: hard targets, canvas = window (jitter only), one
+                  resolution
   +rlc            ... + recursive label calibration
   +regional       ... + regional update (random windows of a larger canvas)
-  full            ... + multi-resolution (the method)
+  inversion       ... + multi-resolution (the per-image method)
+  full            the default method: the same terms, images made by a carried generator
   real_same_count as many real training images (the first of --real_split), no
                   synthesis: what a synthetic image is worth against a real one
 
@@ -46,8 +48,9 @@ from dfnas_jax.evaluation.rank_correlation import VARIANTS
 ROWS = {
     'gaussian_noise': VARIANTS['gaussian_noise'],
     'deepinversion': VARIANTS['deepinversion'],
-    '+rlc': {'regional_update': False, 'multi_resolution': False},
-    '+regional': {'multi_resolution': False},
+    '+rlc': {'method': 'inversion', 'regional_update': False, 'multi_resolution': False},
+    '+regional': {'method': 'inversion', 'multi_resolution': False},
+    'inversion': {'method': 'inversion'},
     'full': VARIANTS['full'],
 }
 REAL_ROW = 'real_same_count'

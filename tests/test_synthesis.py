@@ -260,6 +260,14 @@ def test_generator_images_lie_in_the_teachers_input_range_and_bad_settings_are_n
   changed = config.copy_and_resolve_references()
   changed.generator.lr = 1.0
   assert synthesize.fingerprint(changed) != synthesize.fingerprint(config)
+  # Each method runs its own steps; the inversion's do not make a generator dataset's.
+  assert synthesize.resolution_stages(config) == [(2, 4), (1, 6)]
+  changed = config.copy_and_resolve_references()
+  changed.update(low_res_steps=99, full_res_steps=99, warmup_steps=9, lr=9.0)
+  assert synthesize.resolution_stages(changed) == [(2, 4), (1, 6)]
+  assert synthesize.fingerprint(changed) == synthesize.fingerprint(config)
+  changed.method = 'inversion'
+  assert synthesize.resolution_stages(changed) == [(2, 99), (1, 99)]
 
 
 def test_two_devices_equal_one_device(teacher_dir, tmp_path):

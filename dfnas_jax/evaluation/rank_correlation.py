@@ -60,13 +60,14 @@ from dfnas_jax.synthesis import synthesize
 from dfnas_jax.train import retrain
 
 REAL = 'real'
-# Synthesis config overrides of each data variant.
+# Synthesis config overrides of each data variant: the default method (the generator)
+# without one component each, and plain DeepInversion (per-image, none of the three).
 VARIANTS = {
     'full': {},
     'no_rlc': {'label_calibration': False},
     'no_regional': {'regional_update': False},
-    'deepinversion': {'label_calibration': False, 'regional_update': False,
-                      'multi_resolution': False},
+    'deepinversion': {'method': 'inversion', 'label_calibration': False,
+                      'regional_update': False, 'multi_resolution': False},
     'gaussian_noise': {'method': 'gaussian_noise'},
 }
 # Real-data controls of the one-shot ranking (NAS-Bench-201): a supernet trained

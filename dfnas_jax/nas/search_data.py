@@ -41,7 +41,7 @@ def check_synthesis(synthesis, stored_logits: bool, augment: str, image_size: in
   synthesize.check_config(s)
   num_classes = teachers.get(s.teacher).num_classes
   made = s.images_per_round * s.num_rounds // num_classes
-  if per_class is not None and s.method == 'inversion' and per_class >= made:
+  if per_class is not None and s.method != 'gaussian_noise' and per_class >= made:
     raise ValueError(
         f'val_per_class={per_class} holds out all {made} images the synthesis makes of each '
         f'of the {num_classes} classes (synthesis.images_per_round={s.images_per_round}, '

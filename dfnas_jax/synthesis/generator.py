@@ -9,7 +9,7 @@ generator makes, and moves the carried generator toward the adapted one by `meta
 (Reptile; 1 keeps the adapted one). The reuse is Fast-Datafree's (Fang et al., AAAI
 2022): later batches start from a generator that already makes plausible images, so
 they need far fewer steps than inverting noise. The first batch, from random weights,
-runs `warmup` times the steps.
+runs `first_batch_factor` times the steps.
 
 The carried generator is saved after every batch (before the batch's shard), so a killed
 run resumes from the one the last written shard left, and makes the same bytes.
@@ -38,13 +38,20 @@ class GeneratorSettings:
   lr: float            # Adam on the generator's weights
   latent_lr: float     # Adam on the latents
   meta_step: float
-  warmup: int
+  first_batch_factor: int
 
 
 def settings_from_config(config) -> GeneratorSettings:
   g = config.generator
   return GeneratorSettings(latent_dim=g.latent_dim, channels=g.channels, lr=g.lr,
-                           latent_lr=g.latent_lr, meta_step=g.meta_step, warmup=g.warmup)
+                           latent_lr=g.latent_lr, meta_step=g.meta_step,
+                           first_batch_factor=g.first_batch_factor)
+
+
+def inversion_settings(config) -> inversion.Settings:
+  """The inversion's Settings with the generator's own warm-up steps."""
+  return dataclasses.replace(inversion.settings_from_config(config),
+                             warmup_steps=config.generator.warmup_steps)
 
 
 def check_config(config) -> None:
@@ -58,8 +65,8 @@ def check_config(config) -> None:
                      f'positive multiple of 8, got {g.latent_dim} and {g.channels}.')
   if not 0.0 < g.meta_step <= 1.0:
     raise ValueError(f'generator.meta_step must be in (0, 1], got {g.meta_step}.')
-  if g.warmup < 1:
-    raise ValueError(f'generator.warmup must be >= 1, got {g.warmup}.')
+  if g.first_batch_factor < 1:
+    raise ValueError(f'generator.first_batch_factor must be >= 1, got {g.first_batch_factor}.')
 
 
 class Generator(nn.Module):
@@ -139,7 +146,7 @@ class GeneratorInverter(inversion.Inverter):
     device-sharded batch, starting from the carried `weights` (host numpy)."""
     latent = self.latents_fn(keys)
     params = {'generator': flax.jax_utils.replicate(weights), 'latent': latent}
-    stages = [(f, steps * (self.g.warmup if first else 1)) for f, steps in self.stages]
+    stages = [(f, steps * (self.g.first_batch_factor if first else 1)) for f, steps in self.stages]
     params = self.optimize(params, targets, keys, on_chunk, name, stages)
     images, logits = self.finish(params)
     adapted = jax.device_get(flax.jax_utils.unreplicate(params['generator']))

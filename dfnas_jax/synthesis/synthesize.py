@@ -41,12 +41,13 @@ def hard_targets(num_images: int, num_classes: int, seed: int) -> np.ndarray:
 
 
 def resolution_stages(config):
-  """[(downsampling factor, steps)]: low then full resolution, or full only."""
+  """[(downsampling factor, steps)] of the method: low then full resolution, or full only."""
   if config.method == 'gaussian_noise':
     return []
+  steps = config.generator if config.method == 'generator' else config
   if config.multi_resolution:
-    return [(config.low_res_factor, config.low_res_steps), (1, config.full_res_steps)]
-  return [(1, config.low_res_steps + config.full_res_steps)]
+    return [(config.low_res_factor, steps.low_res_steps), (1, steps.full_res_steps)]
+  return [(1, steps.low_res_steps + steps.full_res_steps)]
 
 
 def check_config(config, num_local_devices: Optional[int] = None,
@@ -77,12 +78,15 @@ def check_config(config, num_local_devices: Optional[int] = None,
 
 # Fields that change how a run is shown or split into dispatches, not the images.
 _NOT_IN_FINGERPRINT = ('stage', 'output_dir', 'chunk_steps', 'preview_images')
+# The per-image inversion's own fields, which generator mode does not read.
+_INVERSION_ONLY = ('lr', 'low_res_steps', 'full_res_steps', 'warmup_steps')
 
 
 def fingerprint(config) -> str:
-  """A hash of every config field that determines the dataset (the generator's only in
-  generator mode)."""
-  skip = _NOT_IN_FINGERPRINT + (() if config.method == 'generator' else ('generator',))
+  """A hash of every config field that determines the dataset: the generator's only in
+  generator mode, the per-image inversion's own only outside it."""
+  skip = _NOT_IN_FINGERPRINT + (_INVERSION_ONLY if config.method == 'generator'
+                                else ('generator',))
   fields = {k: v for k, v in config.to_dict().items() if k not in skip}
   return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -129,7 +133,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   batch = config.batch_size  # a host makes whole batches (shards) on its local devices
   batches_per_round = config.images_per_round // config.batch_size
   num_shards = config.num_rounds * batches_per_round
-  settings = inversion.settings_from_config(config)
+  settings = (generator_lib.inversion_settings(config) if config.method == 'generator'
+              else inversion.settings_from_config(config))
   stages = resolution_stages(config)
   steps_per_batch = sum(steps for _, steps in stages)
   out_dir = output_dir(config, workdir)
@@ -160,8 +165,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     weights = inverter.init_weights(config.seed)
     if start:
       weights = generator_lib.load(workdir, mine[start - 1], weights)
-  # The steps each shard takes: the generator's first batch runs `warmup` times them.
-  shard_steps = {s: steps_per_batch * (config.generator.warmup if weights is not None
+  # The steps each shard takes: the generator's first batch runs first_batch_factor times them.
+  shard_steps = {s: steps_per_batch * (config.generator.first_batch_factor if weights is not None
                                        and s == mine[0] else 1) for s in todo}
   metric_writer = loop.make_writer(workdir)
   report = periodic_actions.ReportProgress(
