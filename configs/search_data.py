@@ -22,7 +22,7 @@ def add_teacher_and_data(c: ml_collections.ConfigDict) -> None:
   c.data_dir = config_dict.placeholder(str)
   c.download = True
   c.synthesis = synthesize_config.get_config()
-  c.synthesis.images_per_round, c.synthesis.num_rounds = 128, 3  # 384 images, ~4 min on CPU
+  c.synthesis.images_per_round, c.synthesis.num_rounds = 128, 3  # 384 images, ~2 min on CPU
   # The search network's activations: float32 | bfloat16 (accelerators; params stay float32).
   c.compute_dtype = 'float32'
 

@@ -65,6 +65,7 @@ def test_scoring_resumes_after_the_last_saved_cell_and_refuses_other_cells(tmp_p
     ('num_architectures', 20_000, 'NAS-Bench-201 has 15625 cells'),
     ('image_size', 30, 'image_size=30: NAS-Bench-201 networks need image sides divisible'),
     ('batch_size', 32, r'batch_size x num_batches = 32 scoring images, more than the 22'),
+    ('pick_z', -1.0, r'pick_z=-1.0: expected >= 0 standard errors'),
 ])
 def test_a_bad_config_fails_before_any_work(field, value, message, tmp_path):
   config = zero_shot_config.get_config('smoke')
@@ -88,6 +89,19 @@ def test_the_ranking_is_one_estimator_or_the_mean_rank_of_several():
   np.testing.assert_array_equal(zero_shot.ranking(['a'], records), [1., -np.inf, 2.])
   np.testing.assert_array_equal(zero_shot.ranking(['a', 'b'], records),
                                 zc.mean_rank({'a': [1., np.nan, 2.], 'b': [3., 2., 1.]}))
+
+
+def test_the_pick_leaves_the_zero_cost_top1_only_for_a_significantly_better_cell():
+  top = [{'zero_cost_rank': k + 1, 'heldout_accuracy': a} for k, a in enumerate((.4, .5, .5))]
+  # Over 50 images the standard error of 0.5 - 0.4 is sqrt((0.24 + 0.25) / 50) = 0.099, so
+  # the difference is 1.01 of them.
+  assert zero_shot.pick(top, 50, z=2.0) is top[0]
+  assert zero_shot.pick(top, 50, z=1.02) is top[0]
+  assert zero_shot.pick(top, 50, z=1.0) is top[1]  # of the tie, the better zero-cost rank
+  assert zero_shot.pick(top, 400, z=2.0) is top[1]  # SE 0.035 over 400 images
+  assert zero_shot.pick(top, 50, z=0.0) is top[1]
+  level = [dict(t, heldout_accuracy=0.4) for t in top]
+  assert zero_shot.pick(level, 50, z=0.0) is level[0]
 
 
 @pytest.mark.slow  # synthesizes, scores and trains (about a minute), then runs notebook 06
@@ -115,7 +129,7 @@ def test_smoke_search_picks_from_its_top_k_resumes_and_notebook_06_shows_it(
   assert summary['combination'] == 'mean_rank' and summary['num_architectures'] == 6
 
   # Each of the top 2 trained on the training images, scored on the held-out ones; the pick
-  # is the most accurate of them.
+  # is the zero-cost top-1 unless another is significantly more accurate.
   for t in summary['top']:
     trained = json.loads((workdir / 'train' / f"2x1_{zero_shot.cell_number(t['ops'])}" /
                           'summary.json').read_text())
@@ -124,7 +138,8 @@ def test_smoke_search_picks_from_its_top_k_resumes_and_notebook_06_shows_it(
     assert trained['num_eval_examples'] == summary['heldout_images'] > 0
     assert t['heldout_accuracy'] == trained['eval_accuracy']
     assert t['benchmark_test_accuracy'] == pytest.approx(_accuracy(t['ops']))
-  best = max(summary['top'], key=lambda t: (t['heldout_accuracy'], -t['zero_cost_rank']))
+  best = zero_shot.pick(summary['top'], summary['heldout_images'], config.pick_z)
+  assert summary['pick_z'] == config.pick_z == 2.0
   assert summary['best_ops'] == best['ops']
   assert summary['best_benchmark_string'] == nb201.arch_to_string(best['ops'])
   assert summary['benchmark_test_accuracy'] == pytest.approx(_accuracy(best['ops']))
