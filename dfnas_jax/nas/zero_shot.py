@@ -16,9 +16,8 @@ or the configured `dataset`), split class by class into training images and
    `retrain`), and each is evaluated on the held-out images: accuracy against their label,
    the teacher's argmax.
 3. Pick: the zero-cost top-1, unless the most accurate on the held-out images beats it by
-   more than `pick_z` standard errors of the difference of two accuracies (`pick`). A few
-   dozen held-out images cannot tell apart cells of similar accuracy: the plain most
-   accurate was a worse pick than the zero-cost top-1 in each of 3 seeds (docs/zero_shot.md).
+   more than `pick_z` standard errors of the difference of two accuracies (`pick`): a few
+   dozen held-out images cannot tell apart cells of similar accuracy (docs/zero_shot.md).
 
 With `benchmark_table`, each of the top k gets its table accuracy and rank, and the summary
 adds the table accuracy of the zero-cost top-1 alone, the best table accuracy among the
