@@ -30,6 +30,9 @@ def get_config(preset: str = '') -> ml_collections.ConfigDict:
   c.space = 'nb201'
   c.benchmark_table = ''
   c.num_architectures = 1000  # <= 0: all 15,625
+  # dfnas_jax.nas.zero_cost.ESTIMATORS, comma-separated: fewer run only the passes they read.
+  c.estimators = ','.join(('naswot', 'jacob_cov', 'grad_norm', 'snip', 'zico',
+                           'teacher_agreement', 'teacher_cka', 'synflow', 'params', 'flops'))
   c.image_size = 32
 
   # Data sources (dfnas_jax.evaluation.zero_cost_study.SOURCES), each labelled by the teacher.

@@ -78,6 +78,15 @@ def test_the_zero_cost_study_refuses_more_batch_images_than_a_source_holds():
   stages.check(config)
 
 
+def test_the_zero_cost_study_scores_every_estimator_unless_told_fewer():
+  from dfnas_jax.nas import zero_cost as zc
+  config = _config('zero_cost_study')
+  assert tuple(config.estimators.split(',')) == zc.ESTIMATORS
+  config.estimators = 'naswot,nope'
+  with pytest.raises(ValueError, match="estimators='naswot,nope': one or more of"):
+    stages.check(config)
+
+
 def test_a_bad_teacher_fails_at_config_time(tmp_path):
   config = _config('synthesize')
   config.teacher = str(tmp_path)

@@ -226,4 +226,14 @@ def test_the_study_scores_cells_on_every_source(nb201_table_path, data_dir, tmp_
   config.synthetic_datasets = f'full={tmp_path / "data" / "full" / "synthetic"}'
   np.testing.assert_array_equal(pool(tmp_path / 'reusing'), synthesized)
   assert not (tmp_path / 'reusing').exists()
+  # Fewer estimators: only theirs are scored, and a work directory of others is refused.
+  config.update(estimators='naswot,params', sources='full,noise')
+  with pytest.raises(ValueError, match='other cells or settings'):
+    stages.run(config, str(tmp_path))
+  stages.run(config, str(tmp_path / 'fewer'))
+  fewer = zero_cost_study.wd.read_json(str(tmp_path / 'fewer' / 'results.json'))
+  assert {e: set(v) for e, v in fewer['scores'].items()} == {'naswot': {'full', 'noise'},
+                                                              'params': {'none'}}
+  np.testing.assert_allclose(fewer['scores']['naswot']['full'],
+                             results['scores']['naswot']['full'], rtol=1e-5)
 

@@ -2,7 +2,8 @@
 as they do on real data?
 
 K cells drawn from the benchmark table by seed (all 15,625 with num_architectures <= 0) are
-scored at initialization by every estimator of `dfnas_jax.nas.zero_cost`, through one
+scored at initialization by the estimators of `dfnas_jax.nas.zero_cost` that `estimators`
+names (every one by default; fewer run only the passes those read), through one
 supernet (one compilation for every cell, one random initialization shared by all), on
 `num_batches` minibatches of `batch_size` images from each data source:
 
@@ -72,6 +73,7 @@ def check_config(config) -> None:
   if config.num_batches < 1:
     raise ValueError(f'num_batches must be >= 1, got {config.num_batches}.')
   names = source_names(config)
+  zc.parse_estimators(config.estimators)
   search_data.reused_datasets(config, list(SYNTHETIC))
   if any(s in SYNTHETIC for s in names):
     search_data.check_synthesis(search_data.synthesis_config(config), False, 'crop',
@@ -165,12 +167,17 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   strings = [nb201.arch_to_string(table.archs[r]) for r in rows]
   truth = [float(table.test_accuracy[r]) / 100 for r in rows]
 
+  estimators = zc.parse_estimators(config.estimators)
+  data_estimators = [e for e in estimators if e in zc.DATA_ESTIMATORS]
+  if not data_estimators:  # nothing reads the images
+    names = []
   sources = Sources(config, workdir)
   batches = {name: sources.batches(name, SOURCES.index(name)) for name in names}
   shape = (config.image_size, config.image_size, 3)
   model = zc.supernet(10, channels, cells_per_stage)
   variables = zc.init_supernet(model, config.seed, shape)
-  data, flow = zc.scorer(model, config.num_groups, shape)
+  data, flow = zc.scorer(model, config.num_groups, shape,
+                         data_estimators or zc.DATA_ESTIMATORS)
 
   def score(i):
     ops = table.archs[rows[i]]
@@ -180,22 +187,28 @@ def run(config: ml_collections.ConfigDict, workdir: str):
     for name in names:
       t = time.time()
       per_batch = [jax.device_get(data(variables, arch, images, p)) for images, p in batches[name]]
-      cell['scores'][name] = {k: [float(s[k]) for s in per_batch] for k in zc.DATA_ESTIMATORS}
+      cell['scores'][name] = {k: [float(s[k]) for s in per_batch] for k in data_estimators}
       cell['seconds'][name] = time.time() - t
     t = time.time()
-    cell['scores'][NO_DATA] = {'synflow': [float(flow(variables, arch))],
-                               **{k: [v] for k, v in zc.params_and_flops(
-                                   ops, 10, channels, cells_per_stage).items()}}
+    no_data = {k: [v] for k, v in zc.params_and_flops(ops, 10, channels,
+                                                       cells_per_stage).items()}
+    if 'synflow' in estimators:
+      no_data['synflow'] = [float(flow(variables, arch))]
+    no_data = {k: v for k, v in no_data.items() if k in estimators}
+    if no_data:
+      cell['scores'][NO_DATA] = no_data
     cell['seconds'][NO_DATA] = time.time() - t
     cell['seconds']['total'] = time.time() - began
     return cell
 
+  header = {'estimators': estimators, 'sources': names, 'settings': {k: config[k] for k in (
+      'space', 'seed', 'image_size', 'batch_size', 'num_batches', 'num_groups', 'teacher')}}
   done = cell_scoring.score_cells(os.path.join(workdir, 'cells.json'), strings, score,
-                                  workdir, save_every=SAVE_EVERY)
+                                  workdir, header, save_every=SAVE_EVERY)
 
   scores: Dict[str, Dict[str, List[float]]] = {}
   spread: Dict[str, Dict[str, List[float]]] = {}
-  for name in [*names, NO_DATA]:
+  for name in done[0]['scores']:
     for estimator in done[0]['scores'][name]:
       values = np.array([c['scores'][name][estimator] for c in done], np.float64)
       scores.setdefault(estimator, {})[name] = values.mean(1).tolist()

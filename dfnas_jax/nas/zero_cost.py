@@ -260,6 +260,15 @@ def measures(model: nn.Module, variables, images, soft_labels, arch=None,
   return {name: scores[name]() for name in names}
 
 
+def parse_estimators(spec: str, field: str = 'estimators') -> List[str]:
+  """The estimators a config field names, 'a,b,...': each one of ESTIMATORS, none twice."""
+  names = [n.strip() for n in spec.split(',') if n.strip()]
+  if not names or len(set(names)) != len(names) or not set(names) <= set(ESTIMATORS):
+    raise ValueError(f'{field}={spec!r}: one or more of {ESTIMATORS}, comma-separated, none '
+                     'twice.')
+  return names
+
+
 def check_data_estimators(estimators: Sequence[str]) -> Tuple[str, ...]:
   names = tuple(estimators)
   unknown = [n for n in names if n not in DATA_ESTIMATORS]

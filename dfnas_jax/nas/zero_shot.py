@@ -55,11 +55,8 @@ COMBINATION = 'mean_rank'  # of several estimators
 
 
 def estimator_names(config) -> List[str]:
-  names = [n.strip() for n in config.estimator.split(',') if n.strip()]
-  if not names or len(set(names)) != len(names) or not set(names) <= set(zc.ESTIMATORS):
-    raise ValueError(f'estimator={config.estimator!r}: one or more of {zc.ESTIMATORS}, '
-                     'comma-separated, none twice (several are combined by their mean rank).')
-  return names
+  """config.estimator's estimators (several are combined by their mean rank)."""
+  return zc.parse_estimators(config.estimator, 'estimator')
 
 
 def network_size(config, field: str):
