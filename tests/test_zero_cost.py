@@ -108,6 +108,53 @@ def test_mean_rank_combines_estimators_and_ranks_undefined_scores_last():
   np.testing.assert_allclose(combined, [2.75, 1.75, 3.5, 2.])
 
 
+def test_size_and_data_separates_what_the_parameter_count_orders():
+  from dfnas_jax.evaluation import zero_cost_study as study
+  params, truth = [1, 1, 1, 2, 2, 2], [1, 2, 3, 4, 5, 6]
+  # Right across the two sizes, reversed inside each: of 15 pairs, the 9 across concordant,
+  # the 6 inside discordant. tau-b with params (6 of its pairs tied): 9 / sqrt(15 * 9).
+  # tau with truth (9 - 6) / 15 = 0.2; partial (0.2 - 0.6) / (1 - 0.6) = -1.
+  reversed_inside = study.size_and_data([3, 2, 1, 6, 5, 4], truth, params, noise=[3, 2, 1, 6, 5, 4])
+  np.testing.assert_allclose([reversed_inside[k] for k in (
+      'with_params', 'partial_given_params', 'within_equal_params', 'with_noise')],
+                             [9 / np.sqrt(135), -1, -1, 1])
+  # The count itself: nothing left to order inside a group, the partial undefined.
+  count = study.size_and_data(params, truth, params)
+  assert count['with_params'] == 1 and 'with_noise' not in count
+  assert np.isnan(count['partial_given_params']) and np.isnan(count['within_equal_params'])
+  results = {'test_accuracy': truth, 'scores': {
+      'params': {'none': params}, 'naswot': {'full': [1, 2, 3, 4, 5, np.nan],
+                                             'noise': [6, 5, 4, 3, 2, 1]}}}
+  table = study.breakdown(results)
+  assert set(table) == {'naswot'} and 'with_noise' not in table['naswot']['noise']
+  # NaN ranks last: full's ranking is 1, 2, 3, 4, 5, 0; noise's its reverse but for the last.
+  assert table['naswot']['full']['with_noise'] == pytest.approx((5 - 10) / 15)
+  assert study.breakdown({'test_accuracy': truth, 'scores': {'naswot': {}}}) == {}
+  assert '| naswot | full | +0.' in study.breakdown_markdown(table)
+
+
+def test_the_sources_benchmark_reads_label_and_pixel_structure():
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).parents[1] / 'benchmarks' / 'zero_cost_sources.py'
+  spec = importlib.util.spec_from_file_location('zero_cost_sources', path)
+  sources = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(sources)
+  classes = np.array([0, 0, 1, 1, 2, 2, 2, 2])
+  labels = np.eye(10)[classes]
+  # Images that are their class's pattern: the pixel Gram matrix, once centred, is the
+  # label kernel's, so their alignment is 1.
+  images = np.eye(3)[classes][:, None, None, :] * np.ones((1, 2, 2, 1))
+  row = sources.structure(images, labels)
+  assert row['distinct_classes'] == 3 and row['confidence'] == 1
+  # Mean label (1/4, 1/4, 1/2): exp of its entropy.
+  assert row['effective_classes'] == pytest.approx(np.exp(1.5 * np.log(2)), rel=1e-6)
+  assert row['pixel_label_cka'] == pytest.approx(1, abs=1e-5)
+  # One label for every image: no spread, and nothing to align with.
+  same = sources.structure(images, np.tile(labels[:1], (8, 1)))
+  assert same['distinct_classes'] == 1 and same['label_kernel_spread'] == 0
+
+
 def test_synflow_of_a_linear_chain(quick_compiles):
   # R = 1^T |W1| |W2| 1 is linear in each layer's weights, so each contributes R.
   model = LinearChain()
@@ -170,7 +217,8 @@ def test_the_supernet_scores_a_cell_as_its_stand_alone_network(small_supernet, q
 
 
 @pytest.mark.slow
-def test_the_supernet_scores_more_cells_as_their_stand_alone_networks(small_supernet):
+def test_the_supernet_scores_more_cells_as_their_stand_alone_networks(small_supernet,
+                                                                      quick_compiles):
   got = _check_stand_alone_scores(*small_supernet, CELLS[::2])
   # The cell that ignores its input: NaN or -inf, and ranked last.
   assert not np.isfinite([got['naswot'], got['jacob_cov'], got['synflow']]).any()
@@ -178,7 +226,7 @@ def test_the_supernet_scores_more_cells_as_their_stand_alone_networks(small_supe
 
 
 @pytest.mark.slow
-def test_every_relu_is_counted_and_synflow_rescaling_is_exact(small_supernet):
+def test_every_relu_is_counted_and_synflow_rescaling_is_exact(small_supernet, quick_compiles):
   model, variables, images, p = small_supernet
   ops = CELLS[0]
   arch = jnp.asarray(ops, jnp.int32)
@@ -201,7 +249,8 @@ def test_every_relu_is_counted_and_synflow_rescaling_is_exact(small_supernet):
   np.testing.assert_allclose(zc.synflow(model, variables, arch, SIZE), direct, rtol=1e-5)
 
 
-def test_the_study_scores_cells_on_every_source(nb201_table_path, data_dir, tmp_path):
+def test_the_study_scores_cells_on_every_source(nb201_table_path, data_dir, tmp_path,
+                                                quick_compiles):
   from dfnas_jax import stages
   from dfnas_jax.configs import zero_cost_study as study_config
   from dfnas_jax.evaluation import zero_cost_study
@@ -217,6 +266,11 @@ def test_the_study_scores_cells_on_every_source(nb201_table_path, data_dir, tmp_
   assert set(results['scores']['params']) == {'none'}
   assert all(len(v) == 4 for per in results['scores'].values() for v in per.values())
   assert (tmp_path / 'scatter_naswot.png').exists()
+  size_and_data = results['size_and_data']
+  assert set(size_and_data) == set(zc.ESTIMATORS) - {'params'}
+  assert set(size_and_data['naswot']['full']) == {
+      'with_params', 'partial_given_params', 'within_equal_params', 'with_noise'}
+  assert 'tau within equal params' in (tmp_path / 'results.md').read_text()
   # A rerun reads the saved cells back instead of scoring them again.
   assert stages.run(config, str(tmp_path))['kendall_tau'] == summary['kendall_tau']
   # Another study reuses the synthetic set instead of synthesizing it again.

@@ -22,7 +22,9 @@ WORKDIR/
   data/<variant>/   synthesize stage work directories
   cells.json        the scores so far (a rerun continues after the last saved cell)
   results.json      benchmark_strings, test_accuracy, scores[estimator][source] (mean over
-                    batches), spread (their std), statistics, seconds per cell
+                    batches), spread (their std), statistics, size_and_data (how much
+                    of each ranking the parameter count and the images explain), seconds
+                    per cell
   results.md, scatter_<estimator>.png
 """
 import os
@@ -33,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from scipy import stats
 
 from dfnas_jax import plots, teachers
 from dfnas_jax import workdir as wd
@@ -156,6 +159,50 @@ def _statistics(scores, truth, config) -> Dict:
   return stat
 
 
+def _tau(a, b) -> float:
+  return float(stats.kendalltau(a, b).statistic)
+
+
+def size_and_data(scores: np.ndarray, truth: np.ndarray, params: np.ndarray,
+                  noise: np.ndarray = None) -> Dict[str, float]:
+  """How much of a ranking is the cells' size, and how much the images.
+
+  with_params: Kendall tau of the scores with the parameter count.
+  partial_given_params: Kendall's partial tau of scores and truth given the count.
+  within_equal_params: tau against the truth inside each group of cells with the same count,
+    the mean over groups weighted by their pairs: the pairs the count cannot order.
+  with_noise: tau with the same estimator's scores on noise (1: the images change nothing).
+  """
+  scores, truth, params = (zc.rankable(x) for x in (scores, truth, params))
+  txy, txz, tyz = _tau(scores, truth), _tau(scores, params), _tau(truth, params)
+  weighted = pairs = 0.
+  for count in np.unique(params):
+    group = params == count
+    if np.ptp(scores[group]) > 0 and np.ptp(truth[group]) > 0:  # tau defined
+      n = group.sum() * (group.sum() - 1) / 2
+      weighted, pairs = weighted + n * _tau(scores[group], truth[group]), pairs + n
+  spread = (1 - txz**2) * (1 - tyz**2)  # 0: one ranking is the count's, partial undefined
+  result = {'with_params': txz,
+            'partial_given_params': (txy - txz * tyz) / np.sqrt(spread) if spread else np.nan,
+            'within_equal_params': weighted / pairs if pairs else np.nan}
+  if noise is not None:
+    result['with_noise'] = _tau(scores, zc.rankable(noise))
+  return {k: float(v) for k, v in result.items()}
+
+
+def breakdown(results: Dict) -> Dict[str, Dict[str, Dict[str, float]]]:
+  """size_and_data for every estimator and source of a study's results (those of `run`,
+  or the columnar JSON under docs/zero_shot/); {} without the parameter count."""
+  scores = results['scores']
+  if NO_DATA not in scores.get('params', {}):
+    return {}
+  params, truth = scores['params'][NO_DATA], results['test_accuracy']
+  return {e: {s: size_and_data(v, truth, params,
+                               per.get('noise') if s not in ('noise', NO_DATA) else None)
+              for s, v in per.items()}
+          for e, per in scores.items() if e != 'params'}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str):
   start = time.time()
   check_config(config)
@@ -228,6 +275,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
       'first_cell_seconds': done[0]['seconds']['total'],
       'wall_time_s': round(time.time() - start, 1),
   }
+  results['size_and_data'] = breakdown(results)
   if jax.process_index() == 0:
     wd.write_json(os.path.join(workdir, 'results.json'), results)
     wd.atomic_write_bytes(os.path.join(workdir, 'results.md'), markdown(results).encode())
@@ -258,7 +306,21 @@ def markdown(results: Dict) -> str:
           f"{rank_correlation._interval(s, 'spearman_rho')} | "
           f"{100 * s['top1_real_accuracy']:.2f}% | {100 * s['top10_mean_accuracy']:.2f}% / "
           f"{100 * s['top10_best_accuracy']:.2f}% |")
+  if results.get('size_and_data'):
+    lines += ['', breakdown_markdown(results['size_and_data'])]
   seconds = results['seconds_per_cell']
   lines += ['', 'Seconds per cell: ' + ', '.join(f'{k} {v:.2f}' for k, v in seconds.items()),
             '']
+  return '\n'.join(lines)
+
+
+def breakdown_markdown(size_and_data: Dict) -> str:
+  """breakdown's table: one row per estimator and source."""
+  fmt = lambda row, k: f'{row[k]:+.2f}' if k in row and np.isfinite(row[k]) else '-'
+  keys = ('with_params', 'partial_given_params', 'within_equal_params', 'with_noise')
+  lines = ['| estimator | data | tau with params | partial tau given params '
+           '| tau within equal params | tau with itself on noise |', '|---|---|---|---|---|---|']
+  for estimator, per in size_and_data.items():
+    for source, row in per.items():
+      lines.append(f'| {estimator} | {source} | ' + ' | '.join(fmt(row, k) for k in keys) + ' |')
   return '\n'.join(lines)
