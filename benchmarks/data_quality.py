@@ -36,6 +36,7 @@ import math
 import os
 import time
 
+import ml_collections
 from absl import app, flags, logging
 
 from dfnas_jax import plots, stages
@@ -54,48 +55,60 @@ ROWS = {
     'full': VARIANTS['full'],
 }
 REAL_ROW = 'real_same_count'
-
-flags.DEFINE_string('workdir', None, 'One sub-directory per row.')
-flags.DEFINE_list('rows', [*ROWS, REAL_ROW], f'Rows to run, of {[*ROWS, REAL_ROW]}.')
-flags.DEFINE_string('teacher', 'cifar10_resnet20', 'Zoo teacher.')
-flags.DEFINE_list('images', ['256'], 'Images per row (num_rounds rounds of N / num_rounds); '
-                  'several: every row at each.')
-flags.DEFINE_list('seeds', ['0'], 'Seeds (of the synthesis and of the student) of every row.')
-flags.DEFINE_integer('num_rounds', 2, 'RLC rounds.')
-flags.DEFINE_integer('batch_size', 128, 'Synthesis batch.')
-flags.DEFINE_string('synth_preset', '', 'configs/synthesize.py preset of the synthetic rows '
-                    '(its name is appended to theirs: full_fast).')
-flags.DEFINE_multi_string('synth', [], 'Extra synthesis config overrides, key=value '
-                          '(e.g. --synth=bn_weight=0.1), applied to every row.')
-flags.DEFINE_string('student', 'cifar_resnet20', 'Student architecture.')
-flags.DEFINE_integer('student_steps', 400, 'Distillation steps (the least, with --epochs).')
-flags.DEFINE_float('epochs', 0.0, '> 0: distil max(student_steps, epochs x N / student_batch) '
-                   'steps, a budget that grows with the images.')
-flags.DEFINE_integer('student_batch', 64, 'Distillation batch.')
-flags.DEFINE_float('student_lr', 0.05, 'Peak learning rate (cosine, no warm-up).')
-flags.DEFINE_string('eval_dataset', 'cifar10', 'Real TFDS dataset for the score.')
-flags.DEFINE_string('eval_data_dir', None, 'Its TFDS data_dir.')
-flags.DEFINE_string('eval_split', 'test', 'Its split.')
-flags.DEFINE_string('real_dataset', 'cifar10', f'Real TFDS training data of the {REAL_ROW} row.')
-flags.DEFINE_string('real_data_dir', None, 'Its TFDS data_dir.')
-flags.DEFINE_string('real_split', 'train', 'Its split; the row takes its first images.')
-flags.DEFINE_bool('download', True, 'Let TFDS download the real datasets.')
-flags.mark_flags_as_required(['workdir'])
 FLAGS = flags.FLAGS
 
 
+def define_flags():
+  """The command line's flags (defined only when run, so that tests can import this file)."""
+  flags.DEFINE_string('workdir', None, 'One sub-directory per row.')
+  flags.DEFINE_list('rows', [*ROWS, REAL_ROW], f'Rows to run, of {[*ROWS, REAL_ROW]}.')
+  flags.DEFINE_string('teacher', 'cifar10_resnet20', 'Zoo teacher.')
+  flags.DEFINE_list('images', ['256'], 'Images per row (num_rounds rounds of N / num_rounds); '
+                    'several: every row at each.')
+  flags.DEFINE_list('seeds', ['0'], 'Seeds (of the synthesis and of the student) of every row.')
+  flags.DEFINE_integer('num_rounds', 2, 'RLC rounds.')
+  flags.DEFINE_integer('batch_size', 128, 'Synthesis batch.')
+  flags.DEFINE_string('synth_preset', '', 'configs/synthesize.py preset of the synthetic rows '
+                      '(its name is appended to theirs: full_fast).')
+  flags.DEFINE_multi_string('synth', [], 'Extra synthesis config overrides, key=value '
+                            '(e.g. --synth=bn_weight=0.1), applied to every row.')
+  flags.DEFINE_string('student', 'cifar_resnet20', 'Student architecture.')
+  flags.DEFINE_integer('student_steps', 400, 'Distillation steps (the least, with --epochs).')
+  flags.DEFINE_float('epochs', 0.0, '> 0: distil max(student_steps, epochs x N / student_batch) '
+                     'steps, a budget that grows with the images.')
+  flags.DEFINE_integer('student_batch', 64, 'Distillation batch.')
+  flags.DEFINE_float('student_lr', 0.05, 'Peak learning rate (cosine, no warm-up).')
+  flags.DEFINE_string('eval_dataset', 'cifar10', 'Real TFDS dataset for the score.')
+  flags.DEFINE_string('eval_data_dir', None, 'Its TFDS data_dir.')
+  flags.DEFINE_string('eval_split', 'test', 'Its split.')
+  flags.DEFINE_string('real_dataset', 'cifar10', f'Real TFDS training data of the {REAL_ROW} row.')
+  flags.DEFINE_string('real_data_dir', None, 'Its TFDS data_dir.')
+  flags.DEFINE_string('real_split', 'train', 'Its split; the row takes its first images.')
+  flags.DEFINE_bool('download', True, 'Let TFDS download the real datasets.')
+  flags.mark_flags_as_required(['workdir'])
+
+
 def _override(config, assignment: str):
+  """key=value, the key dotted into sub-configs (generator.meta_step=0.5)."""
   key, sep, text = assignment.partition('=')
-  if not sep or key not in config:
+  *parents, name = key.split('.')
+  node = config
+  for part in parents:
+    node = node.get(part) if isinstance(node.get(part), ml_collections.ConfigDict) else None
+    if node is None:
+      break
+  if not sep or node is None or name not in node or isinstance(node[name],
+                                                               ml_collections.ConfigDict):
     raise ValueError(f'--synth={assignment!r}: expected key=value with a key of the '
-                     f'synthesize config ({sorted(config)}).')
-  old = config[key]
+                     f'synthesize config ({sorted(config)}; a dotted key for a sub-config, '
+                     f'e.g. generator.meta_step).')
+  old = node[name]
   if isinstance(old, bool):
     if text.lower() not in ('true', 'false'):
       raise ValueError(f'--synth={assignment!r}: {key} takes true or false.')
-    config[key] = text.lower() == 'true'
+    node[name] = text.lower() == 'true'
   else:
-    config[key] = type(old)(text)
+    node[name] = type(old)(text)
 
 
 def label(row: str) -> str:
@@ -234,4 +247,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -31,9 +31,6 @@ from dfnas_jax.evaluation import zero_cost_study as study
 from dfnas_jax.nas import zero_cost as zc
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'A zero_cost_study config.')
-flags.DEFINE_string('workdir', None, 'Where the synthetic sets are made (data/<source>).')
-flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def structure(images: np.ndarray, soft_labels: np.ndarray) -> dict:
@@ -71,5 +68,8 @@ def main(argv):
   print(json.dumps(rows))
 
 
-if __name__ == '__main__':
+if __name__ == '__main__':  # flags defined only when run: tests import this file
+  config_flags.DEFINE_config_file('config', None, 'A zero_cost_study config.')
+  flags.DEFINE_string('workdir', None, 'Where the synthetic sets are made (data/<source>).')
+  flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

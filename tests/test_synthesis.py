@@ -481,3 +481,18 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_dataset(teacher_dir, tmp_path
     for key in a:
       np.testing.assert_array_equal(a[key], b[key])
 
+
+
+def test_data_quality_overrides_reach_the_generators_settings():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      'data_quality', os.path.join(REPO, 'benchmarks', 'data_quality.py'))
+  data_quality = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(data_quality)
+  config = synthesize_config.get_config('generator')
+  data_quality._override(config, 'generator.meta_step=0.5')
+  data_quality._override(config, 'regional_update=false')
+  assert config.generator.meta_step == 0.5 and config.regional_update is False
+  for bad in ('generator.nope=1', 'nope.meta_step=1', 'generator=1', 'bn_weight'):
+    with pytest.raises(ValueError, match='a key of the synthesize config'):
+      data_quality._override(config, bad)
