@@ -29,7 +29,7 @@ WORKDIR/
 """
 import os
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -164,7 +164,7 @@ def _tau(a, b) -> float:
 
 
 def size_and_data(scores: np.ndarray, truth: np.ndarray, params: np.ndarray,
-                  noise: np.ndarray = None) -> Dict[str, float]:
+                  noise: Optional[np.ndarray] = None) -> Dict[str, float]:
   """How much of a ranking is the cells' size, and how much the images.
 
   with_params: Kendall tau of the scores with the parameter count.
