@@ -94,8 +94,9 @@ def _override(config, assignment: str):
   *parents, name = key.split('.')
   node = config
   for part in parents:
-    node = node.get(part) if isinstance(node.get(part), ml_collections.ConfigDict) else None
-    if node is None:
+    node = node.get(part)
+    if not isinstance(node, ml_collections.ConfigDict):
+      node = None
       break
   if not sep or node is None or name not in node or isinstance(node[name],
                                                                ml_collections.ConfigDict):

@@ -56,7 +56,7 @@ def main(argv):
   sources = study.Sources(config, FLAGS.workdir)
   rows = {}
   for name in study.source_names(config):
-    per_batch = [structure(x, p) for x, p in sources.batches(name, study.SOURCES.index(name))]
+    per_batch = [structure(x, p) for x, p in sources.batches(name)]
     rows[name] = {k: float(np.mean([b[k] for b in per_batch])) for k in per_batch[0]}
   print('| source | distinct classes | effective classes | confidence | label kernel spread '
         '| pixel/label CKA |')

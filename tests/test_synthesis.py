@@ -17,7 +17,7 @@ from dfnas_jax.configs import synthesize as synthesize_config
 from dfnas_jax.synthesis import inversion, losses, synthesize
 from dfnas_jax.synthesis.writer import ShardWriter
 from dfnas_jax.train import state as state_lib
-from tests import inversion_settings
+from tests import benchmark_scripts, inversion_settings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -482,13 +482,8 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_dataset(teacher_dir, tmp_path
       np.testing.assert_array_equal(a[key], b[key])
 
 
-
 def test_data_quality_overrides_reach_the_generators_settings():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      'data_quality', os.path.join(REPO, 'benchmarks', 'data_quality.py'))
-  data_quality = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(data_quality)
+  data_quality = benchmark_scripts.load('data_quality')
   config = synthesize_config.get_config('generator')
   data_quality._override(config, 'generator.meta_step=0.5')
   data_quality._override(config, 'regional_update=false')

@@ -8,6 +8,7 @@ import pytest
 
 from dfnas_jax.models import nb201
 from dfnas_jax.nas import zero_cost as zc
+from tests import benchmark_scripts
 
 K = zc.JACOB_COV_K
 
@@ -134,12 +135,7 @@ def test_size_and_data_separates_what_the_parameter_count_orders():
 
 
 def test_the_sources_benchmark_reads_label_and_pixel_structure():
-  import importlib.util
-  import pathlib
-  path = pathlib.Path(__file__).parents[1] / 'benchmarks' / 'zero_cost_sources.py'
-  spec = importlib.util.spec_from_file_location('zero_cost_sources', path)
-  sources = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(sources)
+  sources = benchmark_scripts.load('zero_cost_sources')
   classes = np.array([0, 0, 1, 1, 2, 2, 2, 2])
   labels = np.eye(10)[classes]
   # Images that are their class's pattern: the pixel Gram matrix, once centred, is the

@@ -141,10 +141,10 @@ class Sources:
       rows = rng.choice(len(labels), needed, replace=False)
     return cell_scoring.read_images(ip.subset(whole, rows), c.image_size, 'none')
 
-  def batches(self, name: str, index: int):
-    """[(images, soft labels)] * num_batches, distinct images, random by seed."""
+  def batches(self, name: str):
+    """[(images, soft labels)] * num_batches, distinct images, random by seed and source."""
     c = self.config
-    rng = np.random.default_rng([c.seed, index])
+    rng = np.random.default_rng([c.seed, SOURCES.index(name)])
     pool = self.pool(name, rng)
     return cell_scoring.labelled_batches(pool, rng.permutation(len(pool)), c.batch_size,
                                          c.num_batches, self._soft_labels)
@@ -219,7 +219,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   if not data_estimators:  # nothing reads the images
     names = []
   sources = Sources(config, workdir)
-  batches = {name: sources.batches(name, SOURCES.index(name)) for name in names}
+  batches = {name: sources.batches(name) for name in names}
   shape = (config.image_size, config.image_size, 3)
   model = zc.supernet(10, channels, cells_per_stage)
   variables = zc.init_supernet(model, config.seed, shape)
